@@ -2,21 +2,38 @@
 
     engine = load_engine("Qwen/Qwen2.5-VL-7B-Instruct", backend="vllm")     # or backend="hf"
     prompts = [{"prompt": chat_prompt(engine.processor, messages), "images": [pil_image]}]
-    outs = generate(engine, prompts, n=8, temperature=1.0, max_new_tokens=4096)
+    outs = generate(engine, prompts, n=8, temperature=1.0, max_new_tokens=4096, return_logprobs=True)
     outs[i][j].text, outs[i][j].token_ids, outs[i][j].logprobs      # prompt i, sample j
-    sync_weights(engine, model)     # after an optimizer step (vLLM; the hf backend shares the model)
+    sync_weights(engine, model, accelerator)   # after an optimizer step (the hf backend shares the model)
 
-- `vllm`: a colocated vLLM engine (tensor parallel, GPU memory fraction, sleep/wake on GPUs).
+- `vllm`: a vLLM engine colocated with the trainer, in this process (tensor parallel, GPU memory
+  fraction, sleep/wake on GPUs). Under torchrun / accelerate each rank hosts its own engine.
 - `hf`: transformers `generate`, for the CPU, tests and models vLLM cannot load.
 
 Both return, per prompt, n `Completion`s with token ids, text and (on request) per-token log-probs
-*after temperature* (what the sampler drew from; what GRPO's importance ratio needs).
+of the sampled tokens *after temperature and top-p* (the distribution the sampler drew from: what
+GRPO's importance ratio needs). vLLM gives these only with `logprobs_mode="processed_logprobs"`
+(set below; its default, raw log-probs, ignores temperature). Greedy (temperature 0) log-probs are
+those of the unscaled logits. The trainer's side of the comparison is
+`log_softmax(logits / temperature)` (top-p 1.0, no top-k, as in the paper's RL).
 
-The paper's forced exit (`think_budget`): when the thinking reaches the budget without `</think>`,
-append `</think>` and let the model continue to write its answer, within the total cap
-`max_new_tokens`. Forced tokens were not sampled: `Completion.forced_mask` flags them.
+The paper's forced exit (`think_budget`), identical in both backends:
+  phase 1: sample at most `think_budget` tokens, stopping early at EOS or at `</think>`;
+  phase 2: unless the model ended on its own (EOS) while thinking, append `</think>` if the model
+           did not write it, then continue from prompt + phase-1 ids + `</think>` ids (token ids,
+           not re-tokenized text) with the tokens left of `max_new_tokens`.
+The total never exceeds `max_new_tokens`. Forced tokens were not sampled: `forced_mask` flags them and
+their log-probs are 0.0 (mask them out of the policy loss).
+
+Weight sync (vLLM): `sync_weights` streams the full state dict (tied `lm_head.weight` included: the
+CPU backend keeps a separate copy of the head) into every worker with
+`collective_rpc("reload_weights")`, then resets the prefix cache, whose KV entries were computed by the
+old weights. With FSDP / DeepSpeed ZeRO-3 pass the `accelerator`: the full tensors are gathered from the
+shards one at a time (`full_state_dict`).
 """
 
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +78,7 @@ def load_processor(model_name_or_path: str):
 
     try:
         processor = AutoProcessor.from_pretrained(model_name_or_path)
-    except Exception:  # text-only checkpoints without a processor config on older transformers
+    except Exception:  # text-only checkpoints without a processor config, or no torchvision
         processor = AutoTokenizer.from_pretrained(model_name_or_path)
     tokenizer = getattr(processor, "tokenizer", processor)
     return processor, tokenizer
@@ -70,9 +87,16 @@ def load_processor(model_name_or_path: str):
 def load_engine(model_name_or_path: str, backend: str = "vllm", *, model=None, processor=None,
                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
                 max_model_len: int | None = None, seed: int = 0, dtype: str = "auto",
-                enable_sleep_mode: bool = False, kv_cache_memory_bytes: int | None = None) -> Engine:
+                enable_sleep_mode: bool = False, kv_cache_memory_bytes: int | None = None,
+                max_images_per_prompt: int = 8, **vllm_kwargs) -> Engine:
     """Create a generation engine. For `hf`, pass `model` to generate with a model already in memory
-    (the policy in rl.py: then weight sync is free); otherwise it is loaded from `model_name_or_path`."""
+    (the policy in rl.py: then weight sync is free); otherwise it is loaded from `model_name_or_path`.
+
+    vllm: `gpu_memory_utilization` is the fraction of the GPU vLLM may take (weights + KV cache; leave
+    room for the trainer when colocated); `kv_cache_memory_bytes` sets the KV cache size directly
+    (CPU tests: 256 << 20); `enable_sleep_mode` lets `sleep` free the GPU while the trainer works;
+    other keyword arguments go to `vllm.LLM` as they are (e.g. enforce_eager=True).
+    """
     if processor is None:
         processor, tokenizer = load_processor(model_name_or_path)
     else:
@@ -88,9 +112,31 @@ def load_engine(model_name_or_path: str, backend: str = "vllm", *, model=None, p
             model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         return Engine("hf", processor, tokenizer, model=model, seed=seed, is_vlm=is_vlm)
     if backend == "vllm":
-        raise NotImplementedError("the vLLM backend is added by the generation helper work (issue 6)")
+        # The engine runs in this process (no engine-core subprocess): weight sync hands the trainer's
+        # tensors to the workers directly instead of serialising ~15 GB through a socket.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Colocated with a multi-process trainer (torchrun / accelerate launch): every rank hosts an
+            # engine; consecutive ranks form a tensor-parallel group and must pass the same prompts.
+            vllm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+            seed += int(os.environ.get("RANK", "0")) // tensor_parallel_size  # same within a TP group
+        if is_vlm:
+            vllm_kwargs.setdefault("limit_mm_per_prompt", {"image": max_images_per_prompt, "video": 0})
+        llm = LLM(model_name_or_path, tensor_parallel_size=tensor_parallel_size,
+                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
+                  dtype=dtype, enable_sleep_mode=enable_sleep_mode,
+                  kv_cache_memory_bytes=kv_cache_memory_bytes,
+                  logprobs_mode="processed_logprobs",  # log-probs after temperature / top-p (see top)
+                  **vllm_kwargs)
+        return Engine("vllm", processor, tokenizer, llm=llm, seed=seed, is_vlm=is_vlm)
     raise ValueError(f"unknown backend {backend!r}: use 'vllm' or 'hf'")
 
+
+# ----------------------------------------------------------------------------------------------------
+# generate: the forced-exit logic once, on top of one sampler per backend
+# ----------------------------------------------------------------------------------------------------
 
 def generate(engine: Engine, prompts: list[dict], *, n: int = 1, temperature: float = 1.0,
              top_p: float = 1.0, max_new_tokens: int = 4096, think_budget: int | None = None,
@@ -99,110 +145,237 @@ def generate(engine: Engine, prompts: list[dict], *, n: int = 1, temperature: fl
     """Sample n completions per prompt. prompts[i] = {"prompt": chat-templated text, "images": [PIL]}.
 
     temperature 0 means greedy. think_budget: forced exit after this many tokens of thinking (None: off).
+    seed: same seed, same samples (vLLM: prompt i, sample j uses seed + i * n + j; hf: torch.manual_seed).
+    batch_size: rows per `generate` call (hf only; vLLM schedules its own batches).
     Returns outs[i][j], the j-th completion of prompt i.
     """
-    if engine.backend == "hf":
-        return _generate_hf(engine, prompts, n=n, temperature=temperature, top_p=top_p,
-                            max_new_tokens=max_new_tokens, think_budget=think_budget,
-                            return_logprobs=return_logprobs, seed=seed, batch_size=batch_size)
-    raise NotImplementedError(engine.backend)
+    if max_new_tokens < 1 or (think_budget is not None and think_budget < 1):
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and think_budget ({think_budget}) must be >= 1")
+    if engine.backend not in ("hf", "vllm"):
+        raise ValueError(f"unknown backend {engine.backend!r}")
+    sample = _sample_vllm if engine.backend == "vllm" else _sample_hf
+    if engine.backend == "hf" and seed is not None:
+        torch.manual_seed(seed)
+    tok = engine.tokenizer
+    kw = dict(temperature=temperature, top_p=top_p, return_logprobs=return_logprobs, batch_size=batch_size)
+
+    # Phase 1: the whole completion, or (forced exit) the thinking, which stops at `</think>` or the budget.
+    budget = max_new_tokens if think_budget is None else min(think_budget, max_new_tokens)
+    jobs = [dict(prompt=p["prompt"], images=list(p.get("images") or []), extra=[], max_tokens=budget,
+                 seed=None if seed is None else seed + i * n) for i, p in enumerate(prompts)]
+    rows = sample(engine, jobs, n=n, stop=[THINK_END] if think_budget is not None else None, **kw)
+    outs = [[Completion(text="", token_ids=ids, logprobs=lps, forced_mask=[0] * len(ids),
+                        finish_reason="stop" if finished else "length") for ids, lps, finished in row]
+            for row in rows]
+
+    # Phase 2 (forced exit): close the thinking if the model did not, then let it write the answer.
+    if think_budget is not None:
+        forced_ids = tok.encode(THINK_END, add_special_tokens=False)
+        todo, jobs2 = [], []
+        for i, row in enumerate(outs):
+            for c in row:
+                closed = THINK_END in tok.decode(c.token_ids)
+                if c.finish_reason == "stop" and not closed:
+                    continue  # ended on its own (EOS) while thinking: nothing to force
+                forced = [] if closed else forced_ids
+                left = max_new_tokens - len(c.token_ids) - len(forced)
+                c.finish_reason = "length"  # unless phase 2 ends on its own
+                if left < 0:
+                    continue  # not even `</think>` fits in the cap
+                c.token_ids = c.token_ids + forced
+                c.logprobs = c.logprobs + [0.0] * len(forced) if c.logprobs is not None else None
+                c.forced_mask = c.forced_mask + [1] * len(forced)
+                c.forced_exit = bool(forced)
+                if left > 0:
+                    todo.append(c)
+                    jobs2.append(dict(jobs[i], extra=c.token_ids, max_tokens=left,
+                                      seed=None if seed is None else seed + len(prompts) * n + len(jobs2)))
+        for c, [(ids, lps, finished)] in zip(todo, sample(engine, jobs2, n=1, stop=None, **kw)):
+            c.token_ids = c.token_ids + ids
+            c.logprobs = c.logprobs + lps if c.logprobs is not None else None
+            c.forced_mask = c.forced_mask + [0] * len(ids)
+            c.finish_reason = "stop" if finished else "length"
+
+    for row in outs:
+        for c in row:
+            c.text = tok.decode(c.token_ids, skip_special_tokens=True)
+    return outs
 
 
-@torch.no_grad()
-def _hf_sample(engine: Engine, texts: list[str], images: list[list], *, temperature: float, top_p: float,
-               max_new_tokens: int, return_logprobs: bool, stop_strings=None):
-    """One batched `generate` call. Returns (token ids, log-probs or None, finished) per row."""
-    model, tok = engine.model, engine.tokenizer
-    tok.padding_side = "left"
-    if engine.is_vlm and any(images):
-        inputs = engine.processor(text=texts, images=[im for ims in images for im in ims] or None,
-                                  return_tensors="pt", padding=True)
-    else:
-        inputs = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    inputs = inputs.to(model.device)
-    greedy = temperature == 0
-    kwargs = dict(do_sample=not greedy, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                  return_dict_in_generate=True, output_scores=return_logprobs)
-    if not greedy:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    if stop_strings:
-        kwargs.update(stop_strings=stop_strings, tokenizer=tok)
-    out = model.generate(**inputs, **kwargs)
-    new = out.sequences[:, inputs["input_ids"].shape[1]:]  # [batch, new_tokens]
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+def _sample_vllm(engine: Engine, jobs: list[dict], *, n, temperature, top_p, return_logprobs, stop,
+                 batch_size):
+    """One vLLM `generate` over all jobs (prompt text + extra ids). Returns per job n (ids, lps, finished)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    requests, params = [], []
+    for job in jobs:
+        # Token ids, not text, so phase 2 continues from exactly the sampled ids. Image placeholders stay
+        # one token each here; vLLM expands them to the image's size.
+        ids = engine.tokenizer.encode(job["prompt"], add_special_tokens=False) + job["extra"]
+        request = TokensPrompt(prompt_token_ids=ids)
+        if job["images"]:
+            request["multi_modal_data"] = {"image": job["images"]}
+        requests.append(request)
+        params.append(SamplingParams(
+            n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+            max_tokens=job["max_tokens"], seed=job["seed"], logprobs=0 if return_logprobs else None,
+            stop=stop, include_stop_str_in_output=True))
+    results = engine.llm.generate(requests, params, use_tqdm=False) if requests else []
     rows = []
-    for b in range(new.shape[0]):
-        ids = new[b].tolist()
-        lps = None
-        if return_logprobs:
-            # out.scores are the processed logits (temperature/top-p applied): log_softmax = what was sampled from.
-            lps = [torch.log_softmax(out.scores[t][b].float(), -1)[ids[t]].item() for t in range(len(ids))]
-        # cut at the first EOS (kept) and drop padding after it
-        end = next((t + 1 for t, i in enumerate(ids) if i in eos), None)
-        finished = end is not None
-        if end is not None:
-            ids = ids[:end]
-            lps = lps[:end] if lps is not None else None
-        elif stop_strings and any(s in tok.decode(ids) for s in stop_strings):
-            finished = True
-        rows.append((ids, lps, finished))
+    for out in results:
+        row = []
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            ids = list(c.token_ids)
+            # logprobs=0 returns the sampled token's entry (plus none of the top-k) at every step
+            lps = [step[t].logprob for step, t in zip(c.logprobs, ids)] if return_logprobs else None
+            row.append((ids, lps, c.finish_reason == "stop"))
+        rows.append(row)
     return rows
 
 
-def _generate_hf(engine, prompts, *, n, temperature, top_p, max_new_tokens, think_budget,
-                 return_logprobs, seed, batch_size):
-    if seed is not None:
-        torch.manual_seed(seed)
+def _hf_inputs(engine: Engine, texts: list[str], images: list[list], extra: list[list[int]]):
+    """Left-padded model inputs: each prompt (images expanded by the processor) followed by its extra ids."""
     tok = engine.tokenizer
-    flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]  # each prompt repeated n times
-    results: list[Completion] = []
+    tok.padding_side = "left"
+    if engine.is_vlm and any(images):
+        inputs = engine.processor(text=texts, images=[im for ims in images for im in ims],
+                                  return_tensors="pt", padding=True)
+    else:
+        inputs = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    if any(extra):
+        keep = inputs["attention_mask"].bool()  # [batch, prompt_len]
+        width = max(int(k.sum()) + len(e) for k, e in zip(keep, extra))
+        for key in [k for k, v in inputs.items() if torch.is_tensor(v) and v.shape == keep.shape]:
+            pad = tok.pad_token_id if key == "input_ids" else 0
+            rows = []
+            for v, k, e in zip(inputs[key], keep, extra):
+                # extra ids are text: attention 1, token type 0 (mm_token_type_ids of Qwen2.5-VL)
+                add = e if key == "input_ids" else [1 if key == "attention_mask" else 0] * len(e)
+                row = v[k].tolist() + add
+                rows.append([pad] * (width - len(row)) + row)
+            inputs[key] = torch.tensor(rows, dtype=inputs[key].dtype)
+    return inputs.to(engine.model.device)
+
+
+def _trim(ids: list[int], eos: set[int], tok, stop: list[str] | None) -> tuple[int, bool]:
+    """Where a sampled row ends: after its first EOS or after the token that completes a stop string
+    (generate pads finished rows, and the pad token may count as EOS). Returns (length, finished)."""
+    end = next((t + 1 for t, i in enumerate(ids) if i in eos), None)
+    head = ids[:end] if end is not None else ids
+    if stop and any(s in tok.decode(head) for s in stop):
+        lo, hi = 1, len(head)  # smallest prefix that contains a stop string (containment is monotone)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(s in tok.decode(head[:mid]) for s in stop):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo, True
+    return (end, True) if end is not None else (len(ids), False)
+
+
+@torch.no_grad()
+def _sample_hf(engine: Engine, jobs: list[dict], *, n, temperature, top_p, return_logprobs, stop,
+               batch_size):
+    """Batched transformers `generate` over the jobs, n rows each. Returns per job n (ids, lps, finished)."""
+    model, tok = engine.model, engine.tokenizer
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    flat = [(k, job) for k, job in enumerate(jobs) for _ in range(n)]  # each job repeated n times
+    rows: list[list] = [[] for _ in jobs]
     for s in range(0, len(flat), batch_size):
         chunk = flat[s:s + batch_size]
-        texts = [p["prompt"] for _, p in chunk]
-        images = [list(p.get("images") or []) for _, p in chunk]
-        budget = max_new_tokens if think_budget is None else min(think_budget, max_new_tokens)
-        rows = _hf_sample(engine, texts, images, temperature=temperature, top_p=top_p,
-                          max_new_tokens=budget, return_logprobs=return_logprobs,
-                          stop_strings=[THINK_END] if think_budget is not None else None)
-        for (ids, lps, finished), text, ims in zip(rows, texts, images):
-            c = Completion(text="", token_ids=ids, logprobs=lps, forced_mask=[0] * len(ids))
-            ended_itself = finished and THINK_END not in tok.decode(ids)
-            if think_budget is not None and not ended_itself and len(ids) < max_new_tokens:
-                # Phase 2: close the thinking if the model did not, then let it write the answer.
-                if THINK_END not in tok.decode(ids):
-                    forced = tok.encode(THINK_END, add_special_tokens=False)
-                    c.token_ids = ids + forced
-                    c.logprobs = (lps + [0.0] * len(forced)) if lps is not None else None
-                    c.forced_mask = [0] * len(ids) + [1] * len(forced)
-                    c.forced_exit = True
-                left = max_new_tokens - len(c.token_ids)
-                if left > 0:
-                    ids2, lps2, finished = _hf_sample(
-                        engine, [text + tok.decode(c.token_ids)], [ims], temperature=temperature,
-                        top_p=top_p, max_new_tokens=left, return_logprobs=return_logprobs)[0]
-                    c.token_ids += ids2
-                    c.logprobs = c.logprobs + lps2 if lps2 is not None else None
-                    c.forced_mask += [0] * len(ids2)
-            c.finish_reason = "stop" if finished else "length"
-            c.text = tok.decode(c.token_ids, skip_special_tokens=True)
-            results.append(c)
-    return [results[i * n:(i + 1) * n] for i in range(len(prompts))]
+        inputs = _hf_inputs(engine, [j["prompt"] for _, j in chunk], [j["images"] for _, j in chunk],
+                            [j["extra"] for _, j in chunk])
+        greedy = temperature == 0
+        kwargs = dict(do_sample=not greedy, max_new_tokens=max(j["max_tokens"] for _, j in chunk),
+                      pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
+                      output_scores=return_logprobs)
+        if not greedy:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        if stop:
+            kwargs.update(stop_strings=stop, tokenizer=tok)
+        out = model.generate(**inputs, **kwargs)
+        new = out.sequences[:, inputs["input_ids"].shape[1]:]  # [batch, new_tokens]
+        for b, (k, job) in enumerate(chunk):
+            ids = new[b, :job["max_tokens"]].tolist()  # rows share one call; each keeps its own cap
+            end, finished = _trim(ids, eos, tok, stop)
+            ids = ids[:end]
+            lps = None
+            if return_logprobs:
+                # out.scores are the processed logits (temperature / top-p applied): what was sampled from.
+                lps = [torch.log_softmax(out.scores[t][b].float(), -1)[i].item() for t, i in enumerate(ids)]
+            rows[k].append((ids, lps, finished))
+    return rows
 
 
-def sync_weights(engine: Engine, model) -> None:
-    """Push the training model's weights into the engine (vLLM). No-op when the hf engine generates
-    with that very model."""
+# ----------------------------------------------------------------------------------------------------
+# weight sync and memory
+# ----------------------------------------------------------------------------------------------------
+
+def full_state_dict(model, accelerator=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, full tensor) for the model's weights, one at a time, HF names (tied weights under
+    both names). Gathers shards: FSDP2 (DTensor.full_tensor), FSDP1 (full state dict on every rank) and
+    DeepSpeed ZeRO-3 (GatheredParameters). Collective under FSDP / ZeRO-3: call it on every rank.
+    Not exercised by the CPU tests (FSDP / ZeRO-3 do not shard on the CPU)."""
+    if accelerator is None:
+        yield from getattr(model, "module", model).state_dict().items()  # DDP-wrapped or plain
+        return
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        inner = accelerator.unwrap_model(model)
+        for name, p in inner.named_parameters(remove_duplicate=False):  # keeps the tied lm_head alias
+            with deepspeed.zero.GatheredParameters([p]):
+                yield name, p.data
+        return
+    if accelerator.distributed_type.name == "FSDP" and not getattr(accelerator, "is_fsdp2", False):
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=False, rank0_only=False)):
+            yield from model.state_dict().items()
+        return
+    from torch.distributed.tensor import DTensor
+
+    for name, t in accelerator.unwrap_model(model).state_dict().items():  # FSDP2 shards are DTensors
+        yield name, t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def sync_weights(engine: Engine, model, accelerator=None) -> None:
+    """Push the training model's weights into the engine. vLLM: every weight of the full state dict
+    (gathered from FSDP / ZeRO-3 shards when `accelerator` is given), then a prefix-cache reset.
+    hf: no-op when the engine generates with that very model, else a state-dict copy."""
     if engine.backend == "hf":
         if engine.model is not model:
-            engine.model.load_state_dict(model.state_dict())
+            engine.model.load_state_dict(dict(full_state_dict(model, accelerator)))
         return
-    raise NotImplementedError(engine.backend)
+    weights = full_state_dict(model, accelerator)
+    executor = engine.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
+    if executor not in ("uni", "external_launcher") or os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        weights = list(weights)  # workers in other processes: the tensors travel serialised
+    # Names are the HF ones; each vLLM model's load_weights maps them (Qwen2.5-VL: model.language_model.*,
+    # model.visual.*, lm_head.* are accepted by its hf_to_vllm_mapper) and re-fuses q/k/v and gate/up.
+    engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    engine.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+
+def _can_sleep(engine: Engine) -> bool:
+    return (engine.backend == "vllm" and torch.cuda.is_available()
+            and engine.llm.llm_engine.vllm_config.model_config.enable_sleep_mode)
 
 
 def sleep(engine: Engine) -> None:
-    """Free the engine's GPU memory (weights and KV cache) while the trainer works. No-op for hf."""
+    """Free the engine's GPU memory (level 1: weights offloaded to CPU RAM, KV cache dropped) while the
+    trainer works. Needs `enable_sleep_mode=True` at load; otherwise, for hf and on the CPU a no-op."""
+    if _can_sleep(engine):
+        engine.llm.sleep(level=1)
 
 
 def wake_up(engine: Engine) -> None:
-    """Take the GPU memory back before generating. No-op for hf."""
+    """Take the GPU memory back before generating (then `sync_weights`). No-op where `sleep` is."""
+    if _can_sleep(engine):
+        engine.llm.wake_up()

@@ -1,0 +1,520 @@
+"""Distillation by rejection sampling: long chains of thought from a teacher, kept only when the answer
+verifies. X-Reasoner-Med's SFT data is QwQ-32B's reasoning on MedQA, kept when the answer is right.
+
+    # local teacher on GPUs (vLLM, tensor parallel)
+    python distill.py --teacher Qwen/QwQ-32B --dataset GBaker/MedQA-USMLE-4-options --split train \
+        --output data/medqa_qwq32b.jsonl --tensor_parallel_size 4
+    # any OpenAI-compatible server (`vllm serve Qwen/QwQ-32B`, a hosted API, ...)
+    OPENAI_API_KEY=... python distill.py --backend openai --base_url http://127.0.0.1:8000/v1 \
+        --teacher Qwen/QwQ-32B --dataset medqa_train.jsonl --output data/medqa_qwq32b.jsonl
+
+Per question: `num_samples` teacher samples -> each normalised to the paper's format
+`<think>\n...\n</think>\n<answer>...</answer>` -> verified with rewards.accuracy_reward -> up to `keep`
+verified samples written as sft.py rows: {"messages": [user: training prompt, assistant: response],
+plus teacher, question id, pass rate and token counts}.
+
+Resumable: rows are appended (flush + fsync) and then one record per finished question goes to
+`<output>.done`. A restart drops a torn last line and any rows whose question has no done record, then
+skips the finished questions: nothing is duplicated, nothing finished is lost, even after SIGKILL.
+At the end, statistics are printed and saved to `<output>.stats.json` (they cover resumed work too).
+
+The OpenAI-compatible client is plain `urllib` (no extra dependency): one request per sample (so usage
+counts are per sample and servers without `n` work), a thread pool bounds the concurrency, each request
+has a timeout and is retried with exponential back-off and jitter on connection errors, 408/429/5xx.
+A question whose requests still fail is not marked done: rerun the command to retry it.
+"""
+
+import hashlib
+import json
+import os
+import random
+import re
+import statistics
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+import rewards
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "Qwen/QwQ-32B"  # teacher: hf id / path (vllm, hf) or served model name (openai). Paper (X-Reasoner-Med): QwQ-32B
+    dataset: str = "GBaker/MedQA-USMLE-4-options"  # hub id or local .jsonl/.json/.parquet/save_to_disk folder. Paper: MedQA
+    dataset_config: str | None = None  # hub dataset config name, if it has several
+    split: str = "train"  # split to distill (hub ids and save_to_disk folders). Paper: MedQA train
+    output: str = "data/distill.jsonl"  # output JSONL (sft.py rows); sidecars <output>.done and <output>.stats.json
+    num_samples: int = 4  # teacher samples per question. Paper: not stated
+    keep: int = 1  # keep at most this many verified samples per question. Paper: not stated (rejection sampling)
+    backend: str = "vllm"  # teacher backend: vllm (local engine), hf (transformers; CPU/tests), openai (HTTP server)
+    base_url: str = "http://127.0.0.1:8000/v1"  # openai backend: server root (`vllm serve` listens on :8000/v1)
+    api_key_env: str = "OPENAI_API_KEY"  # openai backend: environment variable holding the API key (unset: no key)
+    max_new_tokens: int = 4096  # teacher response cap; truncated samples are rejected. Paper: 4096 (SFT max length)
+    temperature: float = 0.6  # sampling temperature. Paper: not stated; QwQ-32B's card recommends 0.6
+    top_p: float = 0.95  # nucleus sampling. Paper: not stated; QwQ-32B's card recommends 0.95
+    limit: int | None = None  # distill only the first N questions (after de-duplication / decontamination)
+    seed: int = 0  # sampling seed (hf: per call; openai: per request, if the server honours it)
+    questions_per_call: int = 64  # questions per generate() call / per batch of requests; also the resume grain
+    gen_batch_size: int = 64  # hf backend: sequences per forward batch
+    tensor_parallel_size: int = 1  # vllm backend: GPUs per engine (QwQ-32B in bf16 fits on 2-4 80 GB GPUs)
+    gpu_memory_utilization: float = 0.9  # vllm backend: fraction of GPU memory for weights + KV cache
+    max_model_len: int | None = None  # vllm backend: context length (None: the model's)
+    concurrency: int = 32  # openai backend: requests in flight at once
+    request_timeout: float = 600.0  # openai backend: seconds per request before it is retried
+    max_retries: int = 5  # openai backend: retries per request (back-off 1, 2, 4, ... s, capped at 60, +-50% jitter)
+    dedup: bool = True  # drop repeated questions (same normalised text and options), keeping the first
+    decontaminate: list[str] = field(default_factory=list)  # evaluation files whose questions must not leak into training
+    ngram: int = 13  # decontamination: a question is dropped if it shares a word n-gram with an evaluation question
+
+
+# ---------------------------------------------------------------------------------------------------
+# Questions: every supported input shape -> {"id", "question", "gold", "options"}
+# ---------------------------------------------------------------------------------------------------
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def load_rows(path: str, config: str | None = None, split: str = "train") -> list:
+    """Rows from a local file/folder (JSONL, JSON list, Parquet, save_to_disk) or a hub dataset id."""
+    if os.path.isfile(path):
+        if path.endswith(".jsonl"):
+            with open(path) as f:
+                rows = []
+                for i, line in enumerate(f):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise ValueError(f"{path} line {i + 1}: not valid JSON ({e})") from None
+                return rows
+        if path.endswith(".json"):
+            with open(path) as f:
+                data = json.load(f)
+            return data["data"] if isinstance(data, dict) and "data" in data else data
+        if path.endswith(".parquet"):
+            import datasets
+            return list(datasets.load_dataset("parquet", data_files=path, split="train"))
+        raise ValueError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
+    import datasets
+    if os.path.isdir(path):
+        ds = datasets.load_from_disk(path)
+        return list(ds[split] if isinstance(ds, datasets.DatasetDict) else ds)
+    return list(datasets.load_dataset(path, config, split=split))
+
+
+def normalise_question(row, i: int, source: str) -> dict:
+    """One input row -> {"id", "question", "gold", "options"} (options: dict letter -> text, or None).
+
+    Shapes: Orz-math-57k pairs [{from: human, value}, {from: assistant, ground_truth: {value}}];
+    MedQA {question, options: {A: ..}, answer_idx}; MMLU-Pro {question, options: [..], answer: letter};
+    plain {question | problem, answer} (a GSM8K answer keeps what follows `####`).
+    """
+    where = f"{source} row {i}"
+    if isinstance(row, list):  # Orz-math-57k: [human turn, assistant turn with the ground truth]
+        try:
+            question, gold = row[0]["value"], row[1]["ground_truth"]["value"]
+        except (IndexError, KeyError, TypeError):
+            raise ValueError(f"{where}: expected an Orz-style pair [{{from: human, value}}, "
+                             f"{{from: assistant, ground_truth: {{value}}}}]") from None
+        return {"id": str(i), "question": question, "gold": str(gold), "options": None}
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object or an Orz-style pair, got {type(row).__name__}")
+    question = row.get("question", row.get("problem"))
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: no 'question' (or 'problem') text field")
+    qid = str(row.get("id", row.get("question_id", row.get("pid", i))))
+    options = row.get("options")
+    if isinstance(options, list):  # MMLU-Pro pads with "N/A" options at the end: drop them
+        while options and options[-1] in ("N/A", None, ""):
+            options = options[:-1]
+        options = {LETTERS[k]: str(o) for k, o in enumerate(options)}
+    elif isinstance(options, dict):
+        options = {str(k).strip(): str(v) for k, v in options.items()}
+    elif options is not None:
+        raise ValueError(f"{where}: field 'options' must be a list or a dict letter -> text")
+    if options:
+        gold = row.get("answer_idx", row.get("answer"))  # MedQA: answer_idx; MMLU-Pro: answer (a letter)
+        if gold is None or str(gold).strip() not in options:
+            raise ValueError(f"{where}: field 'answer_idx' / 'answer' must be one of the option letters "
+                             f"{sorted(options)}, got {gold!r}")
+        return {"id": qid, "question": question, "gold": str(gold).strip(), "options": options}
+    gold = row.get("answer", row.get("solution"))
+    if gold is None:
+        raise ValueError(f"{where}: no 'answer' field")
+    gold = str(gold)
+    if "####" in gold:  # GSM8K: worked solution, then "#### 42"
+        gold = gold.rsplit("####", 1)[1].strip()
+    return {"id": qid, "question": question, "gold": gold, "options": None}
+
+
+def user_prompt(q: dict) -> str:
+    """The paper's training prompt (multiple choice: its MCQ prompt): the user turn of the SFT row."""
+    return rewards.mcq_prompt(q["question"], q["options"]) if q["options"] else rewards.train_prompt(q["question"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# De-duplication and decontamination (pure)
+# ---------------------------------------------------------------------------------------------------
+def normalise_text(text: str) -> list[str]:
+    """Lower-cased words, punctuation dropped: the unit of comparison for dedup and n-gram overlap."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def question_key(q: dict) -> str:
+    """Hash of the normalised question text and options: equal keys = the same question."""
+    text = " ".join(normalise_text(q["question"]))
+    if q["options"]:
+        text += " || " + " | ".join(" ".join(normalise_text(v)) for _, v in sorted(q["options"].items()))
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def ngrams(text: str, n: int) -> set[str]:
+    """Word n-grams of a text; a text shorter than n words is one 'n-gram' (then only exact matches count)."""
+    words = normalise_text(text)
+    if len(words) < n:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[k:k + n]) for k in range(len(words) - n + 1)}
+
+
+def eval_question_texts(row) -> list[str]:
+    """The question text of an evaluation row, whatever its benchmark's shape (question/problem/query)."""
+    if isinstance(row, list):  # Orz-style pair
+        return [row[0].get("value", "")] if row and isinstance(row[0], dict) else []
+    return [row[k] for k in ("question", "problem", "query") if isinstance(row.get(k), str)][:1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teacher output -> the paper's format (pure)
+# ---------------------------------------------------------------------------------------------------
+def split_thinking(text: str) -> tuple[str | None, str]:
+    """(thinking, solution) from a teacher response. Knows `<think>..</think>` (R1, QwQ; also when the
+    chat template already opened `<think>`, so only `</think>` is generated) and OpenThoughts'
+    `<|begin_of_thought|>..<|end_of_thought|>`. No marker: (None, text)."""
+    m = re.search(r"<\|begin_of_thought\|>(.*?)<\|end_of_thought\|>(.*)", text, re.S)
+    if m:
+        solution = re.sub(r"<\|(begin|end)_of_solution\|>", "", m.group(2))
+        return m.group(1).strip(), solution.strip()
+    if rewards.THINK_END in text:
+        thinking, solution = text.split(rewards.THINK_END, 1)  # the first `</think>` closes the thinking
+        return thinking.split(rewards.THINK_START, 1)[-1].strip(), solution.strip()
+    return None, text.strip()
+
+
+def normalise_response(text: str, options: dict | None) -> str | None:
+    """A teacher response in the paper's format `<think>\\n..\\n</think>\\n<answer>..</answer>`, or None
+    when it has no thinking or no extractable answer. The answer tag holds only the final answer (the
+    teacher's post-thinking write-up is dropped); a chosen option becomes "C: option text", as in the
+    paper's MCQ example."""
+    thinking, solution = split_thinking(text)
+    if not thinking:
+        return None
+    answer = rewards.extract_answer(solution)
+    if answer is None or not answer.strip():
+        return None
+    letter = rewards.match_choice(answer, options) if options else None
+    if letter is not None:  # "C", "(C)", "option C" or C's text -> "C: text"
+        answer = f"{letter}: {options[letter]}"
+    return rewards.format_response(thinking, answer)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teachers: each returns, per question, num_samples dicts {text, completion_tokens, finish_reason}
+# (None for a request that failed for good)
+# ---------------------------------------------------------------------------------------------------
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+def backoff_seconds(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
+    """Exponential back-off with +-50% jitter (so many clients do not retry in lockstep)."""
+    return min(cap, base * 2 ** attempt) * random.uniform(0.5, 1.5)
+
+
+def openai_chat(base_url: str, api_key: str, body: dict, timeout: float, max_retries: int) -> dict:
+    """POST /chat/completions with retries; returns the decoded JSON reply or raises the last error."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    data = json.dumps(body).encode()
+    for attempt in range(max_retries + 1):
+        try:
+            req = urllib.request.Request(base_url.rstrip("/") + "/chat/completions", data, headers)
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:500].decode(errors="replace")
+            if e.code not in RETRY_STATUS or attempt == max_retries:
+                raise RuntimeError(f"{base_url}: HTTP {e.code}: {detail}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError):
+            if attempt == max_retries:
+                raise
+        time.sleep(backoff_seconds(attempt))
+    raise AssertionError("unreachable")
+
+
+def choice_text(choice: dict) -> str:
+    """The response text; a server that splits reasoning out (`vllm serve --reasoning-parser ..`) gets
+    its reasoning put back inside <think> tags."""
+    msg = choice.get("message") or {}
+    reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+    content = msg.get("content") or ""
+    return f"<think>\n{reasoning}\n</think>\n{content}" if reasoning else content
+
+
+def make_teacher(cfg: DistillConfig):
+    """sample(chunk, start) for the chosen backend: chunk = [(position, question)] from the slice that
+    starts at position `start`; seeds derive from positions, so a rerun of a slice draws the same."""
+    if cfg.backend == "openai":
+        api_key = os.environ.get(cfg.api_key_env, "")
+        pool = ThreadPoolExecutor(max_workers=cfg.concurrency)
+
+        def one(args):
+            q, j, seed = args
+            body = {"model": cfg.teacher, "messages": [{"role": "user", "content": user_prompt(q)}],
+                    "max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                    "seed": seed}
+            try:
+                reply = openai_chat(cfg.base_url, api_key, body, cfg.request_timeout, cfg.max_retries)
+                choice, usage = reply["choices"][0], reply.get("usage") or {}
+                return {"text": choice_text(choice), "finish_reason": choice.get("finish_reason") or "stop",
+                        "completion_tokens": usage.get("completion_tokens"),
+                        "prompt_tokens": usage.get("prompt_tokens")}
+            except Exception as e:  # noqa: BLE001: a failed request leaves its question unfinished
+                tqdm.write(f"request failed for question {q['id']} sample {j}: {e}")
+                return None
+
+        def sample(chunk, start):
+            jobs = [(q, j, cfg.seed + i * cfg.num_samples + j) for i, q in chunk
+                    for j in range(cfg.num_samples)]
+            flat = list(pool.map(one, jobs))
+            return [flat[k * cfg.num_samples:(k + 1) * cfg.num_samples] for k in range(len(chunk))]
+        return sample
+
+    import generation
+    engine = generation.load_engine(
+        cfg.teacher, cfg.backend, tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len, seed=cfg.seed)
+
+    def sample(chunk, start):
+        texts = [generation.chat_prompt(engine.processor, [{"role": "user", "content": user_prompt(q)}])
+                 for _, q in chunk]
+        outs = generation.generate(engine, [{"prompt": t} for t in texts], n=cfg.num_samples,
+                                   temperature=cfg.temperature, top_p=cfg.top_p,
+                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + start,
+                                   batch_size=cfg.gen_batch_size)
+        result = []
+        for t, comps in zip(texts, outs):
+            n_prompt = len(engine.tokenizer(t, add_special_tokens=False)["input_ids"])
+            result.append([{"text": c.text, "finish_reason": c.finish_reason, "prompt_tokens": n_prompt,
+                            "completion_tokens": len(c.token_ids)} for c in comps])
+        return result
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resumable output: append + fsync; repair on restart
+# ---------------------------------------------------------------------------------------------------
+def read_jsonl_records(path: str) -> tuple[list[dict], bool]:
+    """Complete JSON lines of a file we append to; (records, torn) where torn = a bad line was found
+    (a write cut by a kill: only ever the last line)."""
+    if not os.path.exists(path):
+        return [], False
+    records, torn = [], False
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("no newline")
+                records.append(json.loads(line))
+            except ValueError:
+                torn = True
+    return records, torn
+
+
+def rewrite_jsonl(path: str, records: list[dict]) -> None:
+    """Replace a file atomically (temp file + fsync + rename): a kill leaves the old or the new one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def resume(output: str) -> tuple[dict[str, dict], int]:
+    """Done records by question id, after repairing both files; returns (done, rows dropped).
+    Rows are written before their question's done record, so rows without one are an unfinished
+    question's (the run died between the two writes): they are dropped and the question redone."""
+    done_list, torn = read_jsonl_records(output + ".done")
+    done = {d["question_id"]: d for d in done_list}
+    if torn or len(done) != len(done_list):
+        rewrite_jsonl(output + ".done", list(done.values()))
+    rows, torn = read_jsonl_records(output)
+    seen, good = set(), []
+    for r in rows:
+        key = (r.get("question_id"), r.get("sample"))
+        if key[0] in done and key not in seen:
+            seen.add(key)
+            good.append(r)
+    if torn or len(good) != len(rows):
+        rewrite_jsonl(output, good)
+    return done, len(rows) - len(good) + int(torn)
+
+
+def append_jsonl(f, records: list[dict]) -> None:
+    for r in records:
+        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())  # on disk before anything that depends on it is written
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics (pure)
+# ---------------------------------------------------------------------------------------------------
+def length_summary(xs: list[int]) -> dict:
+    if not xs:
+        return {"count": 0}
+    xs = sorted(xs)
+    pick = lambda p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+    return {"count": len(xs), "mean": round(statistics.fmean(xs), 1), "min": xs[0], "p25": pick(0.25),
+            "p50": pick(0.5), "p75": pick(0.75), "p90": pick(0.9), "max": xs[-1]}
+
+
+def summarise(done: list[dict], counts: dict, cfg: DistillConfig) -> dict:
+    """Statistics over every finished question (this run and earlier ones)."""
+    scored = [d for d in done if d["status"] == "ok"]
+    hist = {f"{k}/{cfg.num_samples}": 0 for k in range(cfg.num_samples + 1)}
+    for d in scored:
+        key = f"{d['num_correct']}/{d['num_samples']}"
+        hist[key] = hist.get(key, 0) + 1
+    samples = sum(d["num_samples"] for d in done)
+    correct = sum(d["num_correct"] for d in scored)
+    return {
+        **counts,
+        "questions_done": len(done),
+        "questions_scored": len(scored),
+        "gold_unparseable": sum(d["status"] == "gold_unparseable" for d in done),
+        "samples": samples,
+        "samples_correct": correct,
+        "samples_truncated": sum(d["num_truncated"] for d in done),
+        "samples_unformatted": sum(d["num_unformatted"] for d in done),
+        "pass_rate": round(correct / max(1, sum(d["num_samples"] for d in scored)), 4),
+        "pass_rate_histogram": hist,  # questions by number of verified samples
+        "questions_with_rows": sum(d["kept"] > 0 for d in done),
+        "rows_kept": sum(d["kept"] for d in done),
+        "sample_tokens": length_summary([n for d in done for n in d["completion_tokens"] if n is not None]),
+        "kept_tokens": length_summary([n for d in done for n in d["kept_tokens"] if n is not None]),
+    }
+
+
+def main(cfg: DistillConfig) -> dict:
+    if cfg.backend not in ("vllm", "hf", "openai"):
+        raise ValueError(f"--backend {cfg.backend!r}: use vllm, hf or openai")
+    if cfg.keep < 1 or cfg.num_samples < 1:
+        raise ValueError("--num_samples and --keep must be >= 1")
+
+    # ---- 1. Questions: load, normalise, de-duplicate, decontaminate ----------------------------------
+    rows = load_rows(cfg.dataset, cfg.dataset_config, cfg.split)
+    if not isinstance(rows, list):
+        raise ValueError(f"{cfg.dataset}: expected a list of rows (or {{'data': [...]}})")
+    questions = [normalise_question(r, i, cfg.dataset) for i, r in enumerate(rows)]
+    if len({q["id"] for q in questions}) != len(questions):  # resume needs unique ids: use positions
+        for i, q in enumerate(questions):
+            q["id"] = str(i)
+    counts = {"questions_in_dataset": len(questions), "duplicates_dropped": 0, "contaminated_dropped": 0}
+    if cfg.dedup:
+        seen, unique = set(), []
+        for q in questions:
+            key = question_key(q)
+            if key not in seen:
+                seen.add(key)
+                unique.append(q)
+        counts["duplicates_dropped"] = len(questions) - len(unique)
+        questions = unique
+    if cfg.decontaminate:
+        index = set()
+        for path in cfg.decontaminate:
+            for row in load_rows(path):
+                for text in eval_question_texts(row):
+                    index |= ngrams(text, cfg.ngram)
+        clean = [q for q in questions if not (ngrams(q["question"], cfg.ngram) & index)]
+        counts["contaminated_dropped"] = len(questions) - len(clean)
+        questions = clean
+    if cfg.limit is not None:
+        questions = questions[:cfg.limit]
+    counts["questions_selected"] = len(questions)
+
+    # ---- 2. Resume: repair the files, skip finished questions ---------------------------------------
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
+    done, dropped = resume(cfg.output)
+    todo = [(i, q) for i, q in enumerate(questions) if q["id"] not in done]
+    print(f"distill: {len(questions)} questions ({counts['duplicates_dropped']} duplicates, "
+          f"{counts['contaminated_dropped']} contaminated dropped); {len(done)} already done"
+          + (f", {dropped} unfinished/torn lines dropped" if dropped else "") + f"; {len(todo)} to go")
+
+    # ---- 3. Teacher ----------------------------------------------------------------------------------
+    sample = make_teacher(cfg) if todo else None
+
+    # ---- 4. Loop: sample -> normalise -> verify -> keep -> append rows, then the done record ---------
+    failed = 0
+    bar = tqdm(total=len(todo), desc="distill", unit="q")
+    with open(cfg.output, "a") as out, open(cfg.output + ".done", "a") as done_f:
+        # Calls cover fixed slices of the question list, seeded by position, so a resumed run draws
+        # the same samples for whole slices it had not started.
+        for start in range(0, len(questions), cfg.questions_per_call):
+            chunk = [(i, q) for i, q in todo if start <= i < start + cfg.questions_per_call]
+            if not chunk:
+                continue
+            samples = sample(chunk, start)
+            for (i, q), outs in zip(chunk, samples):
+                bar.update(1)
+                if any(s is None for s in outs):
+                    failed += 1  # not marked done: the next run retries it
+                    continue
+                responses = [normalise_response(s["text"], q["options"])
+                             if s["finish_reason"] != "length" else None for s in outs]
+                scores = rewards.accuracy_reward([r or "" for r in responses], [q["gold"]] * len(outs),
+                                                 options=[q["options"]] * len(outs))
+                status = "gold_unparseable" if any(s is None for s in scores) else "ok"
+                good = [j for j, (r, s) in enumerate(zip(responses, scores)) if r is not None and s == 1.0]
+                pass_rate = len(good) / len(outs)
+                kept = good[:cfg.keep] if status == "ok" else []
+                append_jsonl(out, [{
+                    "messages": [{"role": "user", "content": user_prompt(q)},
+                                 {"role": "assistant", "content": responses[j]}],
+                    "question_id": q["id"], "sample": j, "teacher": cfg.teacher, "gold": q["gold"],
+                    "pass_rate": pass_rate, "prompt_tokens": outs[j]["prompt_tokens"],
+                    "completion_tokens": outs[j]["completion_tokens"],
+                } for j in kept])
+                record = {"question_id": q["id"], "status": status, "num_samples": len(outs),
+                          "num_correct": len(good), "kept": len(kept),
+                          "num_truncated": sum(s["finish_reason"] == "length" for s in outs),
+                          "num_unformatted": sum(r is None and s["finish_reason"] != "length"
+                                                 for r, s in zip(responses, outs)),
+                          "completion_tokens": [s["completion_tokens"] for s in outs],
+                          "kept_tokens": [outs[j]["completion_tokens"] for j in kept]}
+                append_jsonl(done_f, [record])
+                done[q["id"]] = record
+            bar.set_postfix(kept=sum(d["kept"] for d in done.values()))
+    bar.close()
+
+    # ---- 5. Statistics -------------------------------------------------------------------------------
+    selected = {q["id"] for q in questions}
+    stats = summarise([d for qid, d in done.items() if qid in selected], counts, cfg)
+    stats["questions_failed"] = failed
+    stats["config"] = asdict(cfg)
+    with open(cfg.output + ".stats.json", "w") as f:
+        json.dump(stats, f, indent=2)
+    print(json.dumps({k: v for k, v in stats.items() if k != "config"}, indent=2))
+    if failed:
+        print(f"{failed} questions had failed requests and were not finished: rerun the same command")
+    return stats
+
+
+if __name__ == "__main__":
+    (config,) = HfArgumentParser(DistillConfig).parse_args_into_dataclasses()
+    main(config)

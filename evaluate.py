@@ -1,0 +1,633 @@
+"""Evaluate a model on the X-Reasoner paper's benchmarks: general and medical, text and images.
+
+    python evaluate.py --model_name_or_path microsoft/X-Reasoner-7B --output_dir runs/eval/xr   # greedy
+    python evaluate.py ... --benchmarks gsm8k,mmmu_val --num_samples 5 --temperature 0.3   # avg/maj/pass@5
+    python evaluate.py ... --data_dir data/eval            # local copies: DIR/<benchmark>.jsonl|.json|.parquet|/
+    python evaluate.py ... --text_solvable_removed         # also answer image items without their image
+    python evaluate.py --compare runs/eval/base runs/eval/xr --output_dir runs/eval/compare
+
+Every benchmark is converted to one item shape: {id, question (with `<image k>` placeholders), images
+(PIL), options (letter -> text, or None), gold (a letter for multiple choice, else the answer text),
+kind ("mcq" | "math" | "free")}. Questions are posed with rewards.py's prompts and scored with
+rewards.accuracy_reward, exactly as in training; a parse failure is `extract_answer` returning None.
+
+Outputs in --output_dir: `<benchmark>.jsonl` (one line per item: prompt, responses, extracted answers,
+correctness, tokens, truncation, forced exit), `summary.json` and `results.md`. The JSONL is
+append-only and fsynced per batch, so a killed run resumes where it stopped (finished items skipped).
+"""
+
+import ast
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from PIL import Image
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+import rewards
+from generation import Completion, chat_prompt, generate, load_engine
+
+PAPER_BENCHMARKS = ["gsm8k", "mmlu_pro", "mmmu_val", "mmmu_pro_standard", "mmstar", "mathvista_testmini",
+                    "mathvision", "medqa", "medqa_4opt", "mmlu_pro_health", "mmmu_health", "mmmu_pro_health",
+                    "medxpertqa_mm", "omnimedvqa", "nejm"]
+
+
+@dataclass
+class Config:
+    model_name_or_path: str = ""  # hub id or folder of the model to evaluate (paper: X-Reasoner-7B)
+    benchmarks: list[str] = field(default_factory=lambda: list(PAPER_BENCHMARKS))  # names, comma or space separated (default: the paper's 15)
+    data_dir: str | None = None  # local copies: DIR/<name>.jsonl|.json|.parquet or a save_to_disk folder DIR/<name>/ (else the hub)
+    output_dir: str = "runs/eval"  # per-item JSONL, summary.json, results.md (and compare.md/.png)
+    backend: str = "vllm"  # vllm (paper) | hf (transformers generate) | replay (scripted responses, tests only)
+    replay_file: str | None = None  # replay backend: JSONL of {"benchmark", "id", "responses": [...], "noimage_responses": [...]}
+    max_new_tokens: int = 4096  # total cap on generated tokens (paper: 4096)
+    think_budget: int | None = 3584  # forced exit: append </think> after this many thinking tokens; 0/None = off (paper: on, budget not stated; this leaves 512 tokens to answer)
+    num_samples: int = 1  # samples per item: 1 with temperature 0 for headline numbers; paper also 5 (avg@5, maj@5, pass@5)
+    temperature: float = 0.0  # 0 = greedy (paper's headline numbers); paper's k-sample runs use 0.3
+    top_p: float = 1.0  # nucleus sampling when temperature > 0
+    limit: int | None = None  # evaluate only the first N items of each benchmark (after subset filtering)
+    seed: int = 0  # sampling seed (and the option shuffle of GPQA)
+    batch_size: int = 512  # items per generation call; the JSONL is flushed and fsynced after each
+    text_solvable_removed: bool = False  # paper's analysis: also answer image items without the image, report accuracy on those not solved that way
+    max_pixels: int = 262144  # downscale larger images to this many pixels (model card: 512x512); 0 = off
+    tensor_parallel_size: int = 1  # vLLM: GPUs per model
+    gpu_memory_utilization: float = 0.9  # vLLM: fraction of GPU memory for weights and KV cache
+    max_model_len: int | None = None  # vLLM: context length (default: the model's)
+    kv_cache_memory_bytes: int | None = None  # vLLM: fixed KV cache size (CPU tests use 256 MiB)
+    compare: list[str] = field(default_factory=list)  # instead of evaluating: tabulate and plot these run folders side by side
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images and options: the small pieces every converter shares
+# ---------------------------------------------------------------------------------------------------
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+HEALTH_SUBJECTS = {"Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine",
+                   "Pharmacy", "Public_Health"}  # MMMU's "Health & Medicine" discipline (MMMU-Health)
+
+
+def to_pil(value, base: str):
+    """An image field as a PIL RGB image: a PIL image, datasets' raw {"bytes", "path"}, bytes, or a path
+    (absolute, relative to the data file's folder, or to its `images/` subfolder). None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            value = value["bytes"]
+        elif value.get("path"):
+            value = value["path"]
+        else:
+            return None
+    if isinstance(value, (bytes, bytearray)):
+        value = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        for path in (value, os.path.join(base, value), os.path.join(base, "images", value)):
+            if os.path.isfile(path):
+                value = Image.open(path)
+                break
+        else:
+            raise FileNotFoundError(f"image {value!r} not found (also looked in {base} and {base}/images)")
+    return value.convert("RGB")
+
+
+def lettered(texts) -> dict:
+    """["x", "y"] -> {"A": "x", "B": "y"}."""
+    return {LETTERS[i]: str(t).strip() for i, t in enumerate(texts)}
+
+
+def letter_of(options: dict, text) -> str | None:
+    """The letter whose option text is `text` (gold given as text: MathVista, OmniMedVQA); None if absent."""
+    norm = lambda s: " ".join(str(s).split()).casefold()
+    return next((k for k, v in options.items() if norm(v) == norm(text)), None)
+
+
+def row_id(row: dict, *keys) -> str:
+    """The item's id: the first of `keys` present in the row, else its position in the data file."""
+    return next((str(row[k]) for k in keys if row.get(k) not in (None, "")), str(row["_index"]))
+
+
+def make_item(id, question, images, options, gold, kind, **extra) -> dict:
+    return {"id": id, "question": question, "images": [im for im in images if im is not None],
+            "options": options, "gold": gold, "kind": kind, **extra}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Converters: one per data shape (../BENCHMARKS in the README lists the real fields)
+# ---------------------------------------------------------------------------------------------------
+def convert_gsm8k(row, base):  # openai/gsm8k: question, answer "...#### 72"
+    gold = str(row["answer"]).split("####")[-1].strip().replace(",", "")
+    return make_item(row_id(row, "id"), row["question"], [], None, gold, "math")
+
+
+def convert_mmlu_pro(row, base):  # TIGER-Lab/MMLU-Pro: options list padded with "N/A", letter answer
+    kept = [(i, o) for i, o in enumerate(row["options"]) if str(o).strip() != "N/A"]
+    gold_index = row.get("answer_index")
+    if gold_index is None:
+        gold_index = LETTERS.index(str(row["answer"]).strip())
+    gold = next((LETTERS[j] for j, (i, _) in enumerate(kept) if i == gold_index), None)
+    return make_item(row_id(row, "question_id"), row["question"], [], lettered(o for _, o in kept), gold, "mcq")
+
+
+def convert_mmmu(row, base):  # MMMU/MMMU and MMMU_Pro standard: `<image k>` placeholders, options a str list
+    images = [to_pil(row.get(f"image_{k}"), base) for k in range(1, 8)]
+    opts = row.get("options") or "[]"
+    opts = ast.literal_eval(opts) if isinstance(opts, str) else list(opts)  # literal_eval: data, never code
+    gold = row["answer"]
+    if row.get("question_type") == "open" or not opts:
+        if isinstance(gold, str) and gold.strip().startswith("["):
+            gold = [str(g) for g in ast.literal_eval(gold)]  # open answers may list accepted variants
+        return make_item(row_id(row, "id"), row["question"], images, None, gold, "free")
+    return make_item(row_id(row, "id"), row["question"], images, lettered(opts), str(gold).strip(), "mcq")
+
+
+def convert_mmmu_pro_vision(row, base):  # MMMU_Pro vision: the question and its options are in the image
+    opts = row["options"]
+    opts = ast.literal_eval(opts) if isinstance(opts, str) else list(opts)
+    question = "<image 1>\nThe question and its options are shown in the image."
+    return make_item(row_id(row, "id"), question, [to_pil(row["image"], base)], lettered(opts),
+                     str(row["answer"]).strip(), "mcq", options_in_image=True)
+
+
+def convert_mmstar(row, base):  # Lin-Chen/MMStar: options inline "...\nOptions: A: x, B: y, C: z, D: w"
+    question, _, inline = str(row["question"]).rpartition("Options:")
+    found = re.findall(r"(?:^|,)\s*([A-F])[:.]\s*(.*?)(?=,\s*[A-F][:.]\s|$)", inline.strip(), re.S)
+    if not question or len(found) < 2:  # no parseable option list: keep the question whole
+        question, found = str(row["question"]), [(L, L) for L in "ABCD"]
+    return make_item(row_id(row, "index"), question.strip(), [to_pil(row["image"], base)],
+                     {k: v.strip() for k, v in found}, str(row["answer"]).strip(), "mcq")
+
+
+def convert_mathvista(row, base):  # AI4Math/MathVista: multiple-choice gold is the option *text*
+    image = to_pil(row.get("decoded_image") or row.get("image"), base)
+    if row.get("question_type") == "multi_choice" and row.get("choices"):
+        options = lettered(row["choices"])
+        return make_item(row_id(row, "pid"), row["question"], [image], options,
+                         letter_of(options, row["answer"]), "mcq")
+    question = row["question"]
+    if row.get("answer_type") == "integer":
+        question += "\n(Answer with an integer.)"
+    elif row.get("answer_type") == "float" and row.get("precision") is not None:
+        question += f"\n(Answer with a number to {int(row['precision'])} decimal places.)"
+    return make_item(row_id(row, "pid"), question, [image], None, str(row["answer"]), "math")
+
+
+def convert_mathvision(row, base):  # MathLLMs/MathVision: `<image1>` placeholder, options [] for open
+    question = re.sub(r"<image(\d+)>", r"<image \1>", str(row["question"]))
+    image = to_pil(row.get("decoded_image") or row.get("image"), base)
+    if row.get("options"):
+        return make_item(row_id(row, "id"), question, [image], lettered(row["options"]),
+                         str(row["answer"]).strip(), "mcq")
+    return make_item(row_id(row, "id"), question, [image], None, str(row["answer"]), "math")
+
+
+def convert_medqa(row, base):  # MedQA: options {A: ..} (4-option set) or [{key, value}] (bigbio source)
+    opts = row["options"]
+    options = ({o["key"]: str(o["value"]) for o in opts} if isinstance(opts, list) else
+               {k: str(v) for k, v in opts.items() if v is not None})
+    gold = row.get("answer_idx") or letter_of(options, row["answer"])
+    return make_item(row_id(row, "id"), row["question"], [], options, gold, "mcq")
+
+
+def convert_medxpertqa(row, base):  # TsinghuaC3I/MedXpertQA: options already inside the question text
+    question = re.split(r"\n?\s*Answer Choices:", str(row["question"]))[0].strip()
+    images = [to_pil(name, base) for name in (row.get("images") or [])]
+    options = {k: str(v) for k, v in row["options"].items() if v is not None}
+    return make_item(row_id(row, "id"), question, images, options, str(row["label"]).strip(),
+                     "mcq")
+
+
+def convert_option_columns(row, base):  # OmniMedVQA / NEJM dumps: option_A.. columns
+    options = {L: str(row[f"option_{L}"]) for L in LETTERS[:10] if row.get(f"option_{L}") not in (None, "")}
+    if row.get("gt_answer") is not None:  # OmniMedVQA: gold is the option text
+        gold = letter_of(options, row["gt_answer"])
+    else:  # NEJM: a letter
+        gold = str(row.get("correct_answer") or row.get("answer")).strip()
+    image = row.get("image_path") or row.get("image")
+    return make_item(row_id(row, "question_id", "id", "date"), row["question"], [to_pil(image, base)],
+                     options, gold, "mcq")
+
+
+def convert_math500(row, base):  # HuggingFaceH4/MATH-500: problem, answer
+    return make_item(row_id(row, "unique_id"), row["problem"], [], None, str(row["answer"]), "math")
+
+
+def convert_gpqa(row, base):  # Idavidrein/gpqa: one correct and three incorrect answers, shuffled per item
+    id = row_id(row, "Record ID")
+    texts = [row["Correct Answer"]] + [row[f"Incorrect Answer {i}"] for i in (1, 2, 3)]
+    order = list(range(4))
+    random.Random(int(hashlib.md5(id.encode()).hexdigest(), 16)).shuffle(order)  # same order every run
+    options = lettered(texts[i] for i in order)
+    return make_item(id, row["Question"], [], options, LETTERS[order.index(0)], "mcq")
+
+
+def mmmu_subject(row) -> str:
+    """MMMU rows carry their subject only in the hub config or the id ("validation_Clinical_Medicine_3")."""
+    if row.get("subject"):
+        return str(row["subject"]).replace(" ", "_")
+    if row.get("_config"):
+        return row["_config"]
+    return re.sub(r"^(validation|test|dev)_|_\d+$", "", str(row.get("id", "")))
+
+
+@dataclass
+class Benchmark:
+    hub_id: str | None  # None: no canonical hub copy, read from --data_dir
+    configs: list  # hub configs, concatenated (None = the default config)
+    split: str
+    convert: Callable  # (raw row, folder of the data file) -> item
+    parent: str | None = None  # subsets read their parent's data and filter it
+    keep: Callable | None = None  # raw row -> bool (the subset's filter)
+
+
+MMMU_SUBJECTS = ["Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory",
+                 "Basic_Medical_Science", "Biology", "Chemistry", "Clinical_Medicine", "Computer_Science",
+                 "Design", "Diagnostics_and_Laboratory_Medicine", "Economics", "Electronics", "Energy_and_Power",
+                 "Finance", "Geography", "History", "Literature", "Manage", "Marketing", "Materials", "Math",
+                 "Mechanical_Engineering", "Music", "Pharmacy", "Physics", "Psychology", "Public_Health",
+                 "Sociology"]
+REGISTRY = {
+    "gsm8k": Benchmark("openai/gsm8k", ["main"], "test", convert_gsm8k),
+    "mmlu_pro": Benchmark("TIGER-Lab/MMLU-Pro", [None], "test", convert_mmlu_pro),
+    "mmlu_pro_health": Benchmark("TIGER-Lab/MMLU-Pro", [None], "test", convert_mmlu_pro, parent="mmlu_pro",
+                                 keep=lambda r: r.get("category") == "health"),
+    "mmmu_val": Benchmark("MMMU/MMMU", MMMU_SUBJECTS, "validation", convert_mmmu),
+    "mmmu_health": Benchmark("MMMU/MMMU", sorted(HEALTH_SUBJECTS), "validation", convert_mmmu, parent="mmmu_val",
+                             keep=lambda r: mmmu_subject(r) in HEALTH_SUBJECTS),
+    "mmmu_pro_standard": Benchmark("MMMU/MMMU_Pro", ["standard (10 options)"], "test", convert_mmmu),
+    "mmmu_pro_vision": Benchmark("MMMU/MMMU_Pro", ["vision"], "test", convert_mmmu_pro_vision),
+    "mmmu_pro_health": Benchmark("MMMU/MMMU_Pro", ["standard (10 options)"], "test", convert_mmmu,
+                                 parent="mmmu_pro_standard", keep=lambda r: mmmu_subject(r) in HEALTH_SUBJECTS),
+    "mmstar": Benchmark("Lin-Chen/MMStar", [None], "val", convert_mmstar),
+    "mathvista_testmini": Benchmark("AI4Math/MathVista", [None], "testmini", convert_mathvista),
+    "mathvision": Benchmark("MathLLMs/MathVision", [None], "test", convert_mathvision),
+    # The 5-option MedQA (US) test set; the hub copy is a script dataset, so usually read from --data_dir.
+    "medqa": Benchmark("bigbio/med_qa", ["med_qa_en_source"], "test", convert_medqa),
+    "medqa_4opt": Benchmark("GBaker/MedQA-USMLE-4-options", [None], "test", convert_medqa),
+    "medxpertqa_mm": Benchmark("TsinghuaC3I/MedXpertQA", ["MM"], "test", convert_medxpertqa),
+    "medxpertqa_text": Benchmark("TsinghuaC3I/MedXpertQA", ["Text"], "test", convert_medxpertqa),
+    # OmniMedVQA ships as a zip (QA_information/Open-access/*.json + images); the paper used 1000 of its items.
+    "omnimedvqa": Benchmark(None, [None], "test", convert_option_columns),
+    "nejm": Benchmark(None, [None], "test", convert_option_columns),  # community JSON dumps only
+    "math500": Benchmark("HuggingFaceH4/MATH-500", [None], "test", convert_math500),
+    "gpqa_diamond": Benchmark("Idavidrein/gpqa", ["gpqa_diamond"], "train", convert_gpqa),
+    "toy_text": Benchmark(None, [None], "test", convert_gsm8k),  # scripts/make_toy_data.py: GSM8K shape
+    "toy_image": Benchmark(None, [None], "test", convert_mathvista),  # the same problems drawn, MathVista shape
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: local file/folder (JSONL, JSON, Parquet, save_to_disk) or the hub
+# ---------------------------------------------------------------------------------------------------
+def read_local(path: str, split: str) -> list[dict]:
+    if os.path.isdir(path):
+        import datasets
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split] if split in ds else next(iter(ds.values()))
+        return list(ds)
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            rows = json.load(f)
+            if isinstance(rows, dict):  # {"data": [...]} or {id: row}
+                rows = rows.get("data") or [dict(r, id=r.get("id", k)) for k, r in rows.items()]
+            return rows
+        rows = []
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from None
+        return rows
+
+
+def load_items(name: str, cfg: Config) -> list[dict]:
+    spec = REGISTRY[name]
+    if cfg.data_dir:
+        names = [name] + ([spec.parent] if spec.parent else [])  # a subset's own file first, then its parent's
+        candidates = [os.path.join(cfg.data_dir, n + ext) for n in names for ext in (".jsonl", ".json", ".parquet", "")]
+        source = next((p for p in candidates if os.path.exists(p)), None)
+        if source is None:
+            raise FileNotFoundError(f"{name}: none of {', '.join(candidates)} exists")
+        rows = read_local(source, spec.split)
+        base = source if os.path.isdir(source) else os.path.dirname(source)
+    else:
+        if spec.hub_id is None:
+            raise ValueError(f"{name} has no hub copy: download it and pass --data_dir (see the registry comments)")
+        import datasets
+        rows, base, source = [], ".", spec.hub_id
+        for config in spec.configs:
+            ds = datasets.load_dataset(spec.hub_id, config, split=spec.split)
+            rows += [dict(r, _config=config) for r in ds]
+    rows = [dict(r, _index=i) for i, r in enumerate(rows)]  # the position is the id of rows without one
+    if spec.keep:
+        rows = [r for r in rows if spec.keep(r)]
+    rows = rows[:cfg.limit] if cfg.limit else rows
+    items = []
+    for r in rows:
+        try:
+            items.append(spec.convert(r, base))
+        except Exception as e:  # name the file, the row and the field the user must fix
+            raise ValueError(f"{name}: {source} row {r['_index']}: cannot convert ({type(e).__name__}: {e})") from e
+    if len({it["id"] for it in items}) != len(items):
+        raise ValueError(f"{name}: {source} has duplicate item ids")
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts: rewards.py's prompt, images placed where their `<image k>` placeholders are
+# ---------------------------------------------------------------------------------------------------
+def fit_pixels(image, max_pixels: int):
+    """Downscale an image to at most max_pixels pixels, keeping its aspect ratio."""
+    w, h = image.size
+    if max_pixels and w * h > max_pixels:
+        s = (max_pixels / (w * h)) ** 0.5
+        image = image.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BICUBIC)
+    return image
+
+
+def build_prompt(item: dict, processor, with_images: bool = True, max_pixels: int = 0) -> dict:
+    """{"prompt": chat-templated text, "images": [...]} for generate(). Images sit where their
+    `<image k>` placeholders are (MMMU interleaves them); images without one go first. Without images
+    (a text model, or the text-solvable analysis) the placeholders are dropped."""
+    if item["kind"] == "mcq":
+        options = ({k: "(shown in the image)" for k in item["options"]} if item.get("options_in_image")
+                   else item["options"])
+        text = rewards.mcq_prompt(item["question"], options)
+    else:
+        text = rewards.math_prompt(item["question"])
+    images = [fit_pixels(im, max_pixels) for im in item["images"]] if with_images else []
+    content, used, referenced = [], [], set()
+    for j, part in enumerate(re.split(r"<image (\d+)>", text)):
+        if j % 2 == 0:
+            if part.strip():
+                content.append({"type": "text", "text": part})
+        elif 1 <= int(part) <= len(images):
+            content.append({"type": "image"})
+            used.append(images[int(part) - 1])
+            referenced.add(int(part) - 1)
+    unplaced = [im for k, im in enumerate(images) if k not in referenced]
+    content = [{"type": "image"} for _ in unplaced] + content
+    used = unplaced + used
+    if not used:  # a plain string: what text-only chat templates expect
+        content = "".join(c["text"] for c in content)
+    if processor is None:  # replay backend: no model, no template
+        return {"prompt": content if isinstance(content, str) else json.dumps(content), "images": used}
+    return {"prompt": chat_prompt(processor, [{"role": "user", "content": content}]), "images": used}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics: pure functions over the per-item records
+# ---------------------------------------------------------------------------------------------------
+def majority_correct(votes: list, correct: list) -> float:
+    """maj@k: the most common answer (rewards.majority_vote: equal numbers grouped, no-answers ignored,
+    ties to the first seen) is right if the sample that first gave it is right."""
+    winner = rewards.majority_vote(votes)
+    return 0.0 if winner is None else float(correct[votes.index(winner)] or 0.0)
+
+
+def summarize(records: list[dict], num_samples: int) -> dict:
+    """Accuracy (first sample: the greedy headline), avg/maj/pass@k, parse failures, lengths, truncation."""
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    scored = [r for r in records if r["correct"][0] is not None]  # gold unparseable: skipped, counted
+    samples = [(r, j) for r in records for j in range(len(r["responses"]))]
+    s = {"items": len(records), "scored": len(scored), "gold_unparseable": len(records) - len(scored),
+         "accuracy": mean([r["correct"][0] for r in scored]),
+         "parse_failure_rate": mean([r["extracted"][j] is None for r, j in samples]),
+         "mean_tokens": mean([r["tokens"][j] for r, j in samples]),
+         "truncation_rate": mean([r["truncated"][j] for r, j in samples]),
+         "forced_exit_rate": mean([r["forced_exit"][j] for r, j in samples])}
+    if num_samples > 1:
+        s[f"avg@{num_samples}"] = mean([mean(r["correct"]) for r in scored])
+        s[f"maj@{num_samples}"] = mean([majority_correct(r.get("choice") or r["extracted"], r["correct"])
+                                       for r in scored])
+        s[f"pass@{num_samples}"] = mean([max(r["correct"]) for r in scored])
+    with_image = [r for r in scored if r.get("noimage_correct") is not None]
+    if with_image:  # the paper's text-solvable-removed accuracy: only items the model fails without the image
+        rest = [r for r in with_image if not r["noimage_correct"][0]]
+        s.update(text_solvable=len(with_image) - len(rest), text_solvable_removed_items=len(rest),
+                 text_solvable_removed_accuracy=mean([r["correct"][0] for r in rest]))
+    return s
+
+
+def score(texts: list[str], golds: list, options: list) -> list:
+    """rewards.accuracy_reward, with a list of accepted golds (MMMU open) scored as the best of them."""
+    flat = [(i, t, g, o) for i, (t, gs, o) in enumerate(zip(texts, golds, options))
+            for g in (gs if isinstance(gs, list) else [gs])]
+    got = rewards.accuracy_reward([t for _, t, _, _ in flat], [g for _, _, g, _ in flat], [o for *_, o in flat])
+    out = [None] * len(texts)
+    for (i, *_), v in zip(flat, got):
+        if v is not None:
+            out[i] = max(out[i] or 0.0, v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume: an append-only JSONL; a line torn by a kill is cut off before appending again
+# ---------------------------------------------------------------------------------------------------
+def read_records(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):  # killed mid-write: drop the torn last line
+        data = data[:data.rfind(b"\n") + 1]
+        with open(path, "r+b") as f:
+            f.truncate(len(data))
+    records = {}
+    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n} is corrupt ({e}); delete it to re-run that item") from None
+            records[rec["id"]] = rec
+    return records
+
+
+def replay_generate(table: dict, bench: str, items: list, n: int, key: str) -> list[list[Completion]]:
+    """Replay backend (tests of scoring only): scripted responses keyed by (benchmark, id). A response is
+    a string or {"text", "finish_reason", "forced_exit", "tokens"}; tokens default to the word count."""
+    outs = []
+    for it in items:
+        row = table.get((bench, it["id"])) or table.get((None, it["id"]))
+        if row is None or len(row.get(key, [])) < n:
+            raise KeyError(f"replay file has no {n} {key!r} for {bench} item {it['id']!r}")
+        comps = []
+        for r in row[key][:n]:
+            r = {"text": r} if isinstance(r, str) else r
+            comps.append(Completion(text=r["text"], token_ids=[0] * r.get("tokens", len(r["text"].split())),
+                                    finish_reason=r.get("finish_reason", "stop"),
+                                    forced_exit=r.get("forced_exit", False)))
+        outs.append(comps)
+    return outs
+
+
+def write_reports(summary: dict, out_dir: str, num_samples: int):
+    tmp = os.path.join(out_dir, "summary.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "summary.json"))
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
+    k = num_samples
+    cols = ["benchmark", "items", "accuracy"] + ([f"avg@{k}", f"maj@{k}", f"pass@{k}"] if k > 1 else []) + \
+           ["parse fail %", "mean tokens", "truncated %", "forced exit %", "text-solvable removed"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, s in summary["benchmarks"].items():
+        row = [name, str(s["items"]), pct(s["accuracy"])] + \
+              ([pct(s[f"avg@{k}"]), pct(s[f"maj@{k}"]), pct(s[f"pass@{k}"])] if k > 1 else []) + \
+              [pct(s["parse_failure_rate"]), "-" if s["mean_tokens"] is None else f"{s['mean_tokens']:.0f}",
+               pct(s["truncation_rate"]), pct(s["forced_exit_rate"]),
+               (f"{pct(s['text_solvable_removed_accuracy'])} ({s['text_solvable_removed_items']} items)"
+                if "text_solvable_removed_accuracy" in s else "-")]
+        lines.append("| " + " | ".join(row) + " |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(f"# {summary['config']['model_name_or_path']}\n\n{table}")
+    return table
+
+
+def compare_runs(run_dirs: list[str], out_dir: str) -> str:
+    """Side-by-side accuracy (%) of several runs: compare.md and a grouped bar chart compare.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {}
+    for d in run_dirs:
+        with open(os.path.join(d, "summary.json")) as f:
+            runs[os.path.basename(os.path.normpath(d))] = json.load(f)["benchmarks"]
+    benches = list(dict.fromkeys(b for r in runs.values() for b in r))
+    acc = {n: [None if r.get(b) is None or r[b]["accuracy"] is None else 100 * r[b]["accuracy"] for b in benches]
+           for n, r in runs.items()}
+    lines = ["| benchmark | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for i, b in enumerate(benches):
+        lines.append(f"| {b} | " + " | ".join("-" if acc[n][i] is None else f"{acc[n][i]:.1f}" for n in runs) + " |")
+    table = "\n".join(lines) + "\n"
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "compare.md"), "w") as f:
+        f.write(table)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(benches) * max(1, len(runs)) / 2), 4))
+    width = 0.8 / len(runs)
+    for j, n in enumerate(runs):
+        ax.bar([i + j * width for i in range(len(benches))], [v or 0 for v in acc[n]], width, label=n)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(benches))], benches, rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=120)
+    plt.close(fig)
+    return table
+
+
+def main(cfg: Config):
+    if cfg.compare:
+        print(compare_runs(cfg.compare, cfg.output_dir))
+        return
+    benchmarks = [b for arg in cfg.benchmarks for b in arg.replace(",", " ").split()]
+    unknown = [b for b in benchmarks if b not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; known: {', '.join(REGISTRY)}")
+    if cfg.num_samples > 1 and cfg.temperature == 0:
+        raise ValueError("--num_samples > 1 needs --temperature > 0 (greedy samples are all the same)")
+    think_budget = cfg.think_budget or None  # 0 turns forced exit off
+    os.makedirs(cfg.output_dir, exist_ok=True)
+
+    # ---- 1. Engine ---------------------------------------------------------------------------------
+    if cfg.backend == "replay":
+        engine, processor, table = None, None, {}
+        with open(cfg.replay_file) as f:
+            for row in map(json.loads, filter(str.strip, f)):
+                table[(row.get("benchmark"), str(row["id"]))] = row
+    else:
+        if not cfg.model_name_or_path:
+            raise ValueError("--model_name_or_path is required")
+        engine = load_engine(cfg.model_name_or_path, cfg.backend, tensor_parallel_size=cfg.tensor_parallel_size,
+                             gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
+                             seed=cfg.seed, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes)
+        processor = engine.processor
+
+    def sample(bench, items, prompts, key, seed):
+        if cfg.backend == "replay":
+            return replay_generate(table, bench, items, cfg.num_samples, key)
+        return generate(engine, prompts, n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                        max_new_tokens=cfg.max_new_tokens, think_budget=think_budget, seed=seed)
+
+    summary = {"config": asdict(cfg), "benchmarks": {}}
+    for bench in benchmarks:
+        # ---- 2. Data: convert, then skip what an earlier run already finished -------------------------
+        items = load_items(bench, cfg)
+        path = os.path.join(cfg.output_dir, f"{bench}.jsonl")
+        done = read_records(path)
+        if any(len(r["responses"]) != cfg.num_samples for r in done.values()):
+            raise ValueError(f"{path} was written with another --num_samples; use a new --output_dir")
+        todo = [it for it in items if it["id"] not in done]
+        position = {it["id"]: p for p, it in enumerate(items)}
+        vlm = engine is None or engine.is_vlm
+        if not vlm and any(it["images"] for it in todo):
+            print(f"[{bench}] text-only model: images are dropped (no text-solvable analysis)", file=sys.stderr)
+        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=bench, dynamic_ncols=True)
+        with open(path, "a", encoding="utf-8") as out:
+            for start in range(0, len(todo), cfg.batch_size):
+                chunk = todo[start:start + cfg.batch_size]
+                # ---- 3. Generate: k samples per item (forced exit inside generate) ------------------------
+                prompts = [build_prompt(it, processor, vlm, cfg.max_pixels) for it in chunk]
+                # Item p's samples use seeds seed + p * k + j: a resumed run (whole batches were written)
+                # draws the same samples as an uninterrupted one.
+                seed = cfg.seed + position[chunk[0]["id"]] * cfg.num_samples
+                outs = sample(bench, chunk, prompts, "responses", seed)
+                # ---- 4. Text-solvable analysis: the image items once more, without their images ---------
+                blind = [i for i, it in enumerate(chunk) if it["images"]] if cfg.text_solvable_removed and vlm else []
+                blind_outs = dict(zip(blind, sample(bench, [chunk[i] for i in blind],
+                                                    [build_prompt(chunk[i], processor, False) for i in blind],
+                                                    "noimage_responses", seed + 10**6))) if blind else {}
+                # ---- 5. Score with rewards.py --------------------------------------------------------
+                texts = [c.text for cs in outs for c in cs]
+                rep = lambda xs: [x for x in xs for _ in range(cfg.num_samples)]  # per item -> per sample
+                correct = score(texts, rep([it["gold"] for it in chunk]), rep([it["options"] for it in chunk]))
+                btexts = [c.text for i in blind for c in blind_outs[i]]
+                bcorrect = score(btexts, rep([chunk[i]["gold"] for i in blind]),
+                                 rep([chunk[i]["options"] for i in blind])) if blind else []
+                # ---- 6. Write one line per item, then flush + fsync (what resume relies on) -----------------
+                lines = []
+                for i, (it, p, cs) in enumerate(zip(chunk, prompts, outs)):
+                    k = cfg.num_samples
+                    rec = {"id": it["id"], "kind": it["kind"], "gold": it["gold"], "options": it["options"],
+                           "prompt": p["prompt"], "n_images": len(p["images"]),
+                           "responses": [c.text for c in cs],
+                           "extracted": [rewards.extract_answer(c.text) for c in cs],  # None = parse failure
+                           "correct": correct[i * k:(i + 1) * k], "tokens": [len(c.token_ids) for c in cs],
+                           "truncated": [c.finish_reason == "length" for c in cs],
+                           "forced_exit": [c.forced_exit for c in cs]}
+                    if it["options"]:  # the letter each sample picks: what maj@k votes on
+                        rec["choice"] = [rewards.extract_choice(c.text, it["options"]) for c in cs]
+                    if i in blind_outs:
+                        b = blind.index(i)
+                        rec.update(noimage_responses=[c.text for c in blind_outs[i]],
+                                   noimage_correct=bcorrect[b * k:(b + 1) * k])
+                    lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+                out.write("".join(lines))
+                out.flush()
+                os.fsync(out.fileno())
+                bar.update(len(chunk))
+        bar.close()
+        # ---- 7. Summarize from the file, in the data's order, so a resumed run reports the same --------
+        done = read_records(path)
+        records = [done[it["id"]] for it in items if it["id"] in done]
+        summary["benchmarks"][bench] = summarize(records, cfg.num_samples)
+        table = write_reports(summary, cfg.output_dir, cfg.num_samples)  # after each benchmark: partial results
+    print(table)
+
+
+if __name__ == "__main__":
+    main(HfArgumentParser(Config).parse_args_into_dataclasses()[0])

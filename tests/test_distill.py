@@ -1,0 +1,234 @@
+"""distill.py: a tiny teacher fine-tuned on the toy task (hf backend); rows verify, load as SFT data,
+the stats add up, and a killed run resumes without duplicating or losing a row."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_script
+
+import distill
+import rewards
+
+# Toy questions in two input shapes: Orz-math-57k pairs (open answers) and MedQA (4 options). Sums are
+# 7 or 8 and the right option is A or B, so a few dozen steps teach a tiny teacher the format and a
+# coin-flip answer: pass rates land between 0 and 1.
+MATH = [(3, 4), (2, 5), (1, 6), (5, 3), (4, 4), (6, 2), (0, 7), (1, 7)]
+MCQ = [(2, 5), (4, 4), (6, 1), (3, 5)]
+
+
+def mcq_options(a: int, b: int) -> tuple[dict, str]:
+    """Four numeric options; the sum is option A (sum 7) or B (sum 8)."""
+    s, pos = a + b, (a + b) % 2 == 0
+    values = [s - pos + k for k in range(4)]
+    return {"ABCD"[k]: str(v) for k, v in enumerate(values)}, "ABCD"[pos]
+
+
+def write_toy_questions(folder: str) -> tuple[str, str]:
+    orz = [[{"from": "human", "value": f"What is {a} + {b}?"},
+            {"from": "assistant", "ground_truth": {"value": str(a + b)}}] for a, b in MATH]
+    orz.append(orz[0])  # a duplicate, dropped by --dedup
+    orz_path = os.path.join(folder, "orz_math.json")
+    with open(orz_path, "w") as f:
+        json.dump(orz, f)
+    medqa_path = os.path.join(folder, "medqa.jsonl")
+    with open(medqa_path, "w") as f:
+        for a, b in MCQ:
+            options, letter = mcq_options(a, b)
+            f.write(json.dumps({"question": f"What is {a} + {b}?", "options": options,
+                                "answer": options[letter], "answer_idx": letter}) + "\n")
+    return orz_path, medqa_path
+
+
+def toy_targets() -> list[tuple[str, str]]:
+    """(user prompt, response in the paper's format) for every toy question."""
+    rows = [(rewards.train_prompt(f"What is {a} + {b}?"),
+             rewards.format_response(f"{a} + {b} = {a + b}", str(a + b))) for a, b in MATH]
+    for a, b in MCQ:
+        options, letter = mcq_options(a, b)
+        rows.append((rewards.mcq_prompt(f"What is {a} + {b}?", options),
+                     rewards.format_response(f"{a} + {b} = {a + b}, option {letter}", f"{letter}: {a + b}")))
+    return rows
+
+
+def finetune_teacher(model_dir: str, out_dir: str, steps: int = 60, lr: float = 3e-3) -> str:
+    """A few dozen plain AdamW steps on the toy rows (loss on the response), so most samples verify."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    seqs = []
+    for prompt, response in toy_targets():
+        p = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                    add_generation_prompt=True)
+        p_ids = tok(p, add_special_tokens=False)["input_ids"]
+        r_ids = tok(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        seqs.append((p_ids + r_ids, [-100] * len(p_ids) + r_ids))
+    width = max(len(ids) for ids, _ in seqs)
+    pad = tok.pad_token_id
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in seqs])  # [rows, width]
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in seqs])
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tiny_text_dir, tmp_path_factory):
+    return finetune_teacher(tiny_text_dir, str(tmp_path_factory.mktemp("toy-teacher")))
+
+
+@pytest.fixture(scope="session")
+def toy_questions(tmp_path_factory):
+    return write_toy_questions(str(tmp_path_factory.mktemp("toy-questions")))
+
+
+def distill_args(teacher, dataset, output, *extra):
+    return ["distill.py", "--backend", "hf", "--teacher", teacher, "--dataset", dataset, "--output", output,
+            "--num_samples", "4", "--keep", "2", "--max_new_tokens", "32", "--temperature", "1.0",
+            "--questions_per_call", "1", *extra]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---- pure functions ---------------------------------------------------------------------------------
+def test_normalise_question_shapes():
+    orz = [{"from": "human", "value": "What is 1 + 1?"}, {"from": "assistant", "ground_truth": {"value": "2"}}]
+    assert distill.normalise_question(orz, 3, "f") == {"id": "3", "question": "What is 1 + 1?", "gold": "2",
+                                                       "options": None}
+    medqa = {"question": "Q?", "options": {"A": "x", "B": "y"}, "answer": "y", "answer_idx": "B"}
+    assert distill.normalise_question(medqa, 0, "f")["gold"] == "B"
+    mmlu = {"question_id": 70, "question": "Q?", "options": ["x", "y", "z", "N/A", "N/A"], "answer": "C"}
+    q = distill.normalise_question(mmlu, 0, "f")
+    assert q["options"] == {"A": "x", "B": "y", "C": "z"} and q["gold"] == "C" and q["id"] == "70"
+    assert distill.normalise_question({"question": "Q", "answer": "so 6 #### 42"}, 0, "f")["gold"] == "42"
+    with pytest.raises(ValueError, match=r"data.jsonl row 5: no 'question'"):
+        distill.normalise_question({"prompt": "Q"}, 5, "data.jsonl")
+    with pytest.raises(ValueError, match=r"row 1: field 'answer_idx'"):
+        distill.normalise_question({"question": "Q", "options": {"A": "x"}, "answer_idx": "E"}, 1, "f")
+
+
+def test_normalise_response_markers():
+    fmt = rewards.format_response("2 + 2 = 4", "4")
+    assert distill.normalise_response("<think>2 + 2 = 4</think>\n<answer>4</answer>", None) == fmt
+    # the chat template opened <think> itself: only </think> is generated (QwQ-32B, R1)
+    assert distill.normalise_response("2 + 2 = 4\n</think>\n\nSo the result is \\boxed{4}.", None) == fmt
+    ot = "<|begin_of_thought|>2 + 2 = 4<|end_of_thought|>\n<|begin_of_solution|>\\boxed{4}<|end_of_solution|>"
+    assert distill.normalise_response(ot, None) == fmt
+    opts = {"A": "3", "B": "4"}
+    assert distill.normalise_response("<think>2 + 2 = 4</think> \\boxed{B}", opts) == \
+        rewards.format_response("2 + 2 = 4", "B: 4")
+    assert distill.normalise_response("<answer>4</answer>", None) is None  # no thinking
+    assert distill.normalise_response("<think>hmm</think>\nNot sure.\nMany things.", None) is None  # no answer
+
+
+def test_dedup_key_and_ngrams():
+    a = {"question": "What is  the Dose?", "options": None}
+    assert distill.question_key(a) == distill.question_key({"question": "what is the dose", "options": None})
+    assert distill.question_key({"question": "Q", "options": {"A": "x"}}) != \
+        distill.question_key({"question": "Q", "options": {"A": "y"}})
+    text = " ".join(f"w{k}" for k in range(20))
+    assert distill.ngrams("Other words. " + text, 13) & distill.ngrams(text + " tail", 13)
+    assert not distill.ngrams(" ".join(f"w{k}" for k in range(12)), 13) & distill.ngrams(text, 13)
+
+
+def test_resume_repairs_torn_and_unfinished(tmp_path):
+    out = str(tmp_path / "d.jsonl")
+    with open(out, "w") as f:
+        f.write(json.dumps({"question_id": "0", "sample": 1}) + "\n")
+        f.write(json.dumps({"question_id": "1", "sample": 0}) + "\n")  # question 1 has no done record
+        f.write('{"question_id": "1", "sam')  # torn by a kill
+    with open(out + ".done", "w") as f:
+        f.write(json.dumps({"question_id": "0", "kept": 1}) + "\n" + '{"question_')
+    done, dropped = distill.resume(out)
+    assert list(done) == ["0"] and dropped == 2
+    assert read_jsonl(out) == [{"question_id": "0", "sample": 1}]
+    assert read_jsonl(out + ".done") == [{"question_id": "0", "kept": 1}]
+
+
+# ---- end to end with the hf backend -----------------------------------------------------------------
+def check_output(output, teacher, n_questions, mcq=False):
+    rows = read_jsonl(output)
+    stats = json.load(open(output + ".stats.json"))
+    done = read_jsonl(output + ".done")
+    # every row verifies, is in the paper's format and has its metadata
+    for r in rows:
+        options = mcq_options(*MCQ[int(r["question_id"])])[0] if mcq else None
+        assert rewards.accuracy_reward([r["messages"][1]["content"]], [r["gold"]], options=[options]) == [1.0]
+        assert rewards.format_reward([r["messages"][1]["content"]]) == [1.0]
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+        assert r["teacher"] == teacher and 0 < r["pass_rate"] <= 1 and r["completion_tokens"] > 0
+    # each kept row once, at most --keep per question
+    keys = [(r["question_id"], r["sample"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    # the stats add up
+    assert stats["questions_done"] == len(done) == n_questions
+    assert sum(stats["pass_rate_histogram"].values()) == stats["questions_scored"] == n_questions
+    assert stats["samples"] == 4 * n_questions
+    assert stats["rows_kept"] == len(rows) == sum(d["kept"] for d in done)
+    assert stats["samples_correct"] == sum(int(k.split("/")[0]) * v for k, v in stats["pass_rate_histogram"].items())
+    assert stats["kept_tokens"]["count"] == len(rows)
+    for d in done:
+        assert d["kept"] == min(2, d["num_correct"])
+    return rows, stats
+
+
+def test_distill_hf_end_to_end(teacher_dir, toy_questions, tmp_path):
+    orz, medqa = toy_questions
+    out_math, out_mcq = str(tmp_path / "math.jsonl"), str(tmp_path / "mcq.jsonl")
+    run_script(*distill_args(teacher_dir, orz, out_math, "--questions_per_call", "4"))
+    rows, stats = check_output(out_math, teacher_dir, len(MATH))
+    assert stats["duplicates_dropped"] == 1 and stats["questions_in_dataset"] == len(MATH) + 1
+    assert stats["pass_rate"] > 0 and stats["rows_kept"] > 0
+    run_script(*distill_args(teacher_dir, medqa, out_mcq, "--limit", "3", "--decontaminate", orz))
+    rows, stats = check_output(out_mcq, teacher_dir, 3, mcq=True)
+    assert stats["contaminated_dropped"] == 0 and stats["pass_rate"] > 0
+    assert all(r["messages"][0]["content"] == rewards.mcq_prompt(
+        f"What is {a} + {b}?", mcq_options(a, b)[0]) for r in rows for a, b in [MCQ[int(r["question_id"])]])
+    # decontaminating against the math questions drops them all (they are the same questions)
+    run_script(*distill_args(teacher_dir, orz, str(tmp_path / "c.jsonl"), "--decontaminate", orz))
+    stats = json.load(open(str(tmp_path / "c.jsonl.stats.json")))
+    assert stats["contaminated_dropped"] == len(MATH) and stats["rows_kept"] == 0
+
+
+def test_distill_resumes_after_sigkill(teacher_dir, toy_questions, tmp_path):
+    orz, _ = toy_questions
+    full, killed = str(tmp_path / "full.jsonl"), str(tmp_path / "killed.jsonl")
+    run_script(*distill_args(teacher_dir, orz, full))
+    proc = subprocess.Popen([sys.executable, *distill_args(teacher_dir, orz, killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill once a few questions are done
+        if os.path.exists(killed + ".done") and len(open(killed + ".done").readlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    n_done = len(read_jsonl(killed + ".done"))
+    assert 2 <= n_done < len(MATH), "the kill should land mid-run"
+    with open(killed, "a") as f:  # as if the kill had also cut a row in half
+        f.write('{"messages": [{"role": "user", "con')
+    run_script(*distill_args(teacher_dir, orz, killed))
+    rows_full, rows_resumed = read_jsonl(full), read_jsonl(killed)
+    key = lambda r: (r["question_id"], r["sample"])  # noqa: E731
+    assert sorted(rows_resumed, key=key) == sorted(rows_full, key=key)
+    check_output(killed, teacher_dir, len(MATH))

@@ -1,0 +1,276 @@
+"""rewards.py: prompts, extraction, multiple choice, math equivalence, pathological inputs, rewards."""
+
+import os
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rewards as R
+
+OPTS = ["ribosome", "cell wall", "nucleus", "membrane"]
+
+
+def acc(pred_text, gold, options=None):
+    return R.accuracy_reward([pred_text], [gold], None if options is None else [options])[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# prompts and format
+
+def test_prompts_are_the_papers():
+    p = R.train_prompt("What is 2+2?")
+    assert p.startswith("You will solve a problem/request. You should provide your thoughts within <think> </think>")
+    assert p.endswith("Here is the question: What is 2+2?") and "\nWrite your final answer within <answer> </answer>" in p
+    m = R.mcq_prompt("Is the earth flat?", ["Yes", "No"])
+    assert "<answer>B: No</answer>" in m and m.endswith("Options: \n\nA: Yes\nB: No")
+    assert "What is 1+1?" in R.math_prompt("What is 1+1?") and "<answer> answer here </answer>" in R.math_prompt("x")
+
+
+def test_format_response_round_trips():
+    text = R.format_response("37 + 48 = 85", "85")
+    assert text == "<think>\n37 + 48 = 85\n</think>\n<answer>85</answer>"
+    assert R.extract_answer(text) == "85" and R.format_reward([text]) == [1.0]
+
+
+def test_options_helpers():
+    assert R.normalize_options(["x", "y"]) == {"A": "x", "B": "y"}
+    assert R.normalize_options({"a": "x", "B": "y"}) == {"A": "x", "B": "y"}
+    assert R.normalize_options("['1', '2', 'three']") == {"A": "1", "B": "2", "C": "three"}  # MMMU
+    assert R.option_letters(["p"] * 10) == list("ABCDEFGHIJ")
+    assert R.format_options({"A": "Yes", "B": "No"}) == "A: Yes\nB: No"
+    with pytest.raises(ValueError, match="literal"):
+        R.normalize_options("__import__('os').system('echo pwned')")  # never eval
+    with pytest.raises(ValueError):
+        R.normalize_options({"AB": "x"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# extraction
+
+@pytest.mark.parametrize("text,want", [
+    ("<think>the answer is 3</think>\n<answer>5</answer>", "5"),
+    ("<think>\\boxed{3}</think>Answer: 7", "7"),  # ignore what is inside <think>
+    ("<answer>1</answer> then <answer>2</answer>", "2"),  # last complete tag
+    ("<answer>We compute... so the total is \\boxed{42}.</answer>", "42"),  # SFT: written solution
+    ("<answer>\\boxed{\\frac{1}{2}}</answer>", "\\frac{1}{2}"),
+    ("so \\boxed{\\frac{\\sqrt{3}}{2}} done", "\\frac{\\sqrt{3}}{2}"),  # nested braces
+    ("\\boxed 5", "5"), ("$\\boxed 5$", "5"), ("\\fbox{12}", "12"),
+    ("\\boxed{1} ... \\boxed{2}", "2"),
+    ("Final Answer: **73**", "73"), ("**Answer:** 12", "12"), ("**Answer: C**", "C"), ("Answer: (B)", "B"),
+    ("so the answer is 204.", "204"), ("The answer is $3.5$.", "3.5"), ("The final answer is 1.5 m. Done", "1.5 m"),
+    ("lots of reasoning\n\n**B**", "B"), ("reasoning\n(D)", "D"),
+    ("...thinking forever</think>\n\n42", "42"),  # forced exit: bare answer after </think>
+    ("<think>long thinking, cut by the cap, maybe 5", None),  # never finished thinking
+    ("<think>unclosed <answer>6</answer>", "6"),
+    ("<answer>$x=5$</answer>", "x=5"), ("<answer>  9 </answer>", "9"),
+    ("<answer>7", "7"),  # cut by the length cap inside the answer
+    ("A long paragraph of text without any answer at all, which goes on for quite a while.\nAnd more.", None),
+    ("", None), (None, None),
+])
+def test_extract_answer(text, want):
+    assert R.extract_answer(text) == want
+
+
+def test_extract_linear_on_huge_text():
+    big = "<answer>" * 50_000 + "x" * 300_000 + "\\boxed{" * 20_000
+    t = time.time()
+    R.extract_answer(big), R.extract_answer(big + "</think>" + big), R.extract_choice(big, OPTS)
+    assert time.time() - t < 2.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# math: every edge case from the benchmark notes (gold <- prediction), and more
+
+@pytest.mark.parametrize("gold,pred,want", [
+    ("\\frac12", "\\boxed{\\frac{1}{2}}", 1.0), ("5", "\\boxed 5", 1.0), ("2", "\\boxed{1} ... \\boxed{2}", 1.0),
+    ("1", "\\boxed{1} ... \\boxed{2}", 0.0),
+    ("28\\%", "\\boxed{0.28}", 1.0),  # documented choice: Math-Verify reads % as /100
+    ("28\\%", "\\boxed{28}", 1.0),
+    ("\\frac13", "\\boxed{0.3333333}", 1.0), ("\\frac13", "\\boxed{0.333}", 0.0),
+    ("\\frac34", "\\boxed{3/4}", 1.0), ("7425000", "\\boxed{7,425,000}", 1.0), ("10", "\\boxed{10\\text{ cm}}", 1.0),
+    ("5", "<answer>x=5</answer>", 1.0), ("(1,2]", "<answer>(1,2]</answer>", 1.0), ("(1,2]", "<answer>[1,2]</answer>", 0.0),
+    ("\\{1,2,3\\}", "<answer>\\{3,2,1\\}</answer>", 1.0),
+    ("(1,2)", "<answer>(1,2)</answer>", 1.0), ("(1,2)", "<answer>(2,1)</answer>", 0.0),  # ordered pairs
+    ("4", "<answer>004</answer>", 1.0), ("2\\sqrt2", "<answer>\\sqrt8</answer>", 1.0),
+    ("73", "Final Answer: **73**", 1.0), ("204", "the answer is 204.", 1.0),
+    ("85", "<answer>85.0</answer>", 1.0), ("85", "<answer>86</answer>", 0.0), ("-3", "<answer>-3</answer>", 1.0),
+    ("0.5", "<answer>\\frac{1}{2}</answer>", 1.0), ("\\dfrac{3}{4}", "<answer>0.75</answer>", 1.0),
+    ("x^2+2x", "<answer>x(x+2)</answer>", 1.0), ("x^2+2x", "<answer>x(x+3)</answer>", 0.0),
+    ("\\pi", "<answer>\\pi</answer>", 1.0), ("90^\\circ", "<answer>90</answer>", 1.0),
+    ("72", "She sells 16 eggs and eats 3, keeping 72", 0.0),  # a sentence is not an answer
+    ("#### 72", "<answer>72</answer>", 1.0),  # GSM8K's solution field as gold
+    ("\\boxed{12}", "<answer>12</answer>", 1.0),  # a MATH solution as gold
+    ("5", "<think>the answer is 5</think>", 0.0),  # thinking only: no answer
+    ("5", "no answer here at all, just a long rambling paragraph that never commits to anything.", 0.0),
+])
+def test_math_equivalence(gold, pred, want):
+    assert acc(pred, gold) == want
+
+
+@pytest.mark.parametrize("gold,pred,want", [
+    ("yes", "<answer>Yes.</answer>", 1.0), ("yes", "<answer>no</answer>", 0.0), ("No", "<answer>**no**</answer>", 1.0),
+    ("Evelyn", "<answer>\\text{Evelyn}</answer>", 1.0), ("\\text{Evelyn}", "<answer>evelyn</answer>", 1.0),
+    ("Evelyn", "<answer>Eve</answer>", 0.0), ("yes", "<think>hmm</think>", 0.0),
+])
+def test_free_form_words(gold, pred, want):
+    assert acc(pred, gold) == want
+
+
+@pytest.mark.parametrize("gold", ["", "   ", None, "\\frac{", "@@@", "}{"])
+def test_unparseable_gold_is_none_never_one(gold):
+    for pred in ["<answer>5</answer>", f"<answer>{gold}</answer>", "nothing", None]:
+        assert acc(pred, gold) is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# multiple choice
+
+@pytest.mark.parametrize("text,want", [
+    ("**Answer: C**", "C"), ("\\boxed{C}", "C"), ("<answer>C: nucleus</answer>", "C"), ("(C)", "C"),
+    ("<answer>C</answer>", "C"), ("<answer>(C) nucleus</answer>", "C"), ("<answer>C. nucleus</answer>", "C"),
+    ("<answer>nucleus</answer>", "C"), ("<answer>The nucleus.</answer>", None), ("<answer>Nucleus</answer>", "C"),
+    ("<answer>Option C</answer>", "C"), ("The correct answer is (C).", "C"), ("<answer>c</answer>", "C"),
+    ("<answer>A ribosome synthesizes proteins.</answer>", None),  # "A" the article is not option A
+    ("A ribosome synthesizes proteins.", None),
+    ("<answer>E</answer>", None), ("<answer>E: nothing</answer>", None),  # no option E
+    ("<think>C is tempting</think><answer>B</answer>", "B"),
+    ("<think>surely C</think>", None), ("<think>cut while thinking about C", None),
+    ("</think>I pick the cell wall\nso my choice is the cell wall", None),  # an answer found, not a letter
+    ("</think>Considering everything.\nThe cell wall", "B"),  # unique option text on the last line
+    ("</think>Considering everything.\nribosome or nucleus", None),  # two option texts: no guess
+])
+def test_extract_choice(text, want):
+    assert R.extract_choice(text, OPTS) == want
+
+
+def test_mcq_rewards_and_golds():
+    assert acc("<answer>C: nucleus</answer>", "C", OPTS) == 1.0
+    assert acc("<answer>B</answer>", "C", OPTS) == 0.0
+    assert acc("no answer at all, just words and more words about cells", "C", OPTS) == 0.0  # no random letter
+    assert acc("<answer>C</answer>", "nucleus", OPTS) == 1.0  # gold given as option text (MathVista)
+    assert acc("<answer>C</answer>", "Z", OPTS) is None  # gold not an option: unparseable
+    assert acc("<answer>C</answer>", None, OPTS) is None
+    assert acc("<answer>J</answer>", "J", [str(i) for i in range(10)]) == 1.0  # MMLU-Pro, A-J
+    assert acc("<answer>B</answer>", "B", "['0.5', '1', '2']") == 1.0  # MMMU's stringified list
+    assert acc("<answer>2</answer>", "C", ["0", "1", "2"]) == 1.0  # option text that is a number
+    assert acc("<answer>B</answer>", "B", {"A": "x", "B": "y", "C": "z", "D": "w", "E": "v"}) == 1.0
+
+
+def test_mixed_batch_and_lengths():
+    out = R.accuracy_reward(["<answer>5</answer>", "<answer>B</answer>", "<answer>yes</answer>"],
+                            ["5", "B", "yes"], [None, ["p", "q"], None])
+    assert out == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="lengths"):
+        R.accuracy_reward(["a"], ["a", "b"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# untrusted and pathological input
+
+def test_untrusted_answers_are_not_executed(tmp_path):
+    flag = tmp_path / "pwned"
+    payload = f"__import__('os').system('touch {flag}')"
+    R.accuracy_reward([f"<answer>{payload}</answer>", f"\\boxed{{{payload}}}"], ["5", "x+1"])
+    R.majority_vote([payload, payload])
+    assert not flag.exists()
+
+
+PATHOLOGICAL = [
+    "<answer>9^9^9^9^9</answer>", "<answer>9^{9^{9^{9^{9}}}}</answer>", "<answer>2^{2^{1000000}}</answer>",
+    "<answer>(x+1)^{10000000}</answer>", "<answer>" + "(" * 5000 + "1" + ")" * 5000 + "</answer>",
+    "<answer>" + "{" * 5000 + "1" + "}" * 5000 + "</answer>", "<answer>" + "1+" * 250_000 + "1</answer>",
+    "x" * 500_000, "<answer>" + "\\frac{1}{" * 3000 + "2" + "}" * 3000 + "</answer>", "<answer>123456!</answer>",
+]
+
+
+@pytest.mark.parametrize("text", PATHOLOGICAL, ids=range(len(PATHOLOGICAL)))
+def test_pathological_answers_return_fast(text):
+    for gold in ["5", "\\sqrt{2}"]:
+        t = time.time()
+        assert acc(text, gold) == 0.0
+        assert time.time() - t < R.TIMEOUT_S + 2
+
+
+def test_batch_with_pathological_items_finishes_in_seconds():
+    R._CACHE.clear()
+    texts = PATHOLOGICAL[:6] + [f"<answer>\\frac{{{i}}}{{{i + 1}}}</answer>" for i in range(1, 60)]
+    golds = ["\\sqrt{2}"] * 6 + [f"\\frac{{{i}}}{{{i + 1}}}" if i % 2 else f"\\sqrt{{{i}}}" for i in range(1, 60)]
+    t = time.time()
+    out = R.accuracy_reward(texts, golds)
+    assert out == [0.0] * 6 + [1.0 if i % 2 else 0.0 for i in range(1, 60)]
+    assert time.time() - t < 10
+
+
+def test_pool_kills_a_stuck_worker_and_recovers():
+    pool = R.VerifyPool(workers=1, timeout=0.5)
+    try:
+        # no guard in front of the pool here: sympy really computes 9^(9^9) and must be killed
+        t = time.time()
+        assert pool.map([("1", "9^{9^{9}}"), ("\\frac{1}{2}", "0.5")]) == [0.0, 1.0]
+        assert time.time() - t < 5
+        assert pool.map([("x", "x")]) == [1.0]  # a fresh worker replaced the killed one
+    finally:
+        pool.close()
+    assert all(p is None for p in pool.procs)
+
+
+def test_pool_restarts_in_a_forked_child():
+    R.accuracy_reward(["<answer>\\sqrt{4}</answer>"], ["2"])  # parent pool started
+    pid = os.fork()
+    if pid == 0:  # child: its own pool, not the parent's workers
+        ok = R.accuracy_reward(["<answer>\\sqrt{9}</answer>"], ["3"]) == [1.0] and R._POOL.pid == os.getpid()
+        os._exit(0 if ok else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=300), st.text(max_size=30))
+def test_property_random_unicode_never_raises(text, gold):
+    assert R.extract_answer(text) is None or isinstance(R.extract_answer(text), str)
+    R.extract_choice(text, OPTS)
+    R.match_choice(text, OPTS)
+    R.majority_vote([text, gold, None])
+    R.format_reward([text])
+    out = R.accuracy_reward([text, text], [gold, "C"], [None, OPTS])
+    assert out[0] in (0.0, 1.0, None) and out[1] in (0.0, 1.0)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 20_000), st.sampled_from(["{", "(", "[", "\\boxed{", "\\frac{", "<answer>", "^{", "\\sqrt{"]),
+       st.sampled_from(["}", ")", "]", "", "</answer>", "x"]), st.sampled_from(["1", "<answer>", "\\boxed{", "9^"]))
+def test_property_nested_and_huge_never_raise_or_hang(depth, opening, closing, middle):
+    text = opening * depth + middle + closing * depth
+    t = time.time()
+    R.extract_answer(text), R.extract_choice(text, OPTS)
+    assert R.accuracy_reward([text, "</think><answer>" + text + "</answer>"], ["5", "x+1"])[0] in (0.0, 1.0)
+    assert time.time() - t < R.TIMEOUT_S + 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# other rewards and helpers
+
+def test_format_reward():
+    good = "<think>\nabc\n</think>\n<answer>5</answer>"
+    assert R.format_reward([good, good + "\n"]) == [1.0, 1.0]
+    bad = ["<answer>5</answer>", "<think>a</think>", "<think>a</think><answer>5</answer> extra",
+           "<think>a</think><think>b</think><answer>5</answer>", "<think>a<answer>5</answer></think><answer>5</answer>",
+           "", None]
+    assert R.format_reward(bad) == [0.0] * len(bad)
+
+
+def test_overlong_penalty():
+    assert R.overlong_penalty([0, 3584, 3585, 3840, 4096, 5000], max_len=4096, cache=512) == \
+        [0.0, 0.0, -1 / 512, -0.5, -1.0, -1.0]
+    with pytest.raises(ValueError):
+        R.overlong_penalty([1], max_len=10, cache=0)
+
+
+def test_majority_vote():
+    assert R.majority_vote(["85", "85.0", "\\frac{170}{2}", "84", "84"]) == "85"
+    assert R.majority_vote(["B", "C", "C", None, None, None]) == "C"
+    assert R.majority_vote(["x + 1", "x+1", "y"]) == "x + 1"
+    assert R.majority_vote(["1,000", "1000", "7"]) == "1,000"
+    assert R.majority_vote(["3", "4"]) == "3"  # tie: first seen
+    assert R.majority_vote([None, None]) is None and R.majority_vote([]) is None

@@ -1,0 +1,247 @@
+"""rl.py: the GRPO math against hand-computed values, batching/log-probs against plain forwards, and short
+end-to-end runs (single process, resume, torchrun with 2 processes) on the tiny models."""
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import rl
+from conftest import run_script
+
+LN2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------------------------- math
+def test_group_advantages_hand_values():
+    adv = rl.group_advantages([1, 0, 0, 0, 1, 1, 1, 1, 0, 1, 0, 1], group_size=4)
+    # group 1: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
+    assert adv[:4].tolist() == pytest.approx([0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001])
+    assert adv[4:8].tolist() == [0.0, 0.0, 0.0, 0.0]  # all equal: exactly zero
+    # group 3: mean 0.5, unbiased std sqrt(4 * 0.25 / 3)
+    s = math.sqrt(1 / 3)
+    assert adv[8:].tolist() == pytest.approx([-0.5 / (s + 1e-4), 0.5 / (s + 1e-4)] * 2)
+    dr = rl.group_advantages([1, 0, 0, 0, 0.3, 0.3, 0.3, 0.3], group_size=4, scale_by_std=False)
+    assert dr.tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
+    assert rl.group_advantages([0.1, 0.1, 0.1], 3).tolist() == [0.0, 0.0, 0.0]
+    assert rl.group_advantages([1.0, 0.0], 1).tolist() == [0.0, 0.0]  # a group of one has no signal
+
+
+def test_policy_loss_hand_values():
+    ratio = torch.tensor([[1.5, 0.5, 1.0], [1.5, 0.5, 1.0]])
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, -2.2]])
+    old = logp - ratio.log()
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    loss, stats = rl.policy_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28)
+    # row A=+1: -min(1.5, 1.28) = -1.28 (clipped), -min(0.5, 0.8) = -0.5 (not clipped: A > 0), masked
+    # row A=-1: -min(-1.5, -1.28) = 1.5, -min(-0.5, -0.8) = 0.8 (clipped), -min(-1, -1) = 1
+    assert loss.item() == pytest.approx((-1.28 - 0.5 + 1.5 + 0.8 + 1.0) / 5)
+    assert stats["clip_fraction"] == pytest.approx(2 / 5)
+    assert stats["ratio_mean"] == pytest.approx((1.5 + 0.5 + 1.5 + 0.5 + 1.0) / 5)
+    assert stats["kl"] == 0.0
+    # k3 KL with ref = pi * 2 on every token: 2 - ln 2 - 1
+    loss_kl, stats = rl.policy_loss(logp, old, adv, mask, 0.2, 0.28, ref_logprobs=logp + LN2, beta=0.1)
+    assert stats["kl"] == pytest.approx(1 - LN2)
+    assert loss_kl.item() == pytest.approx(loss.item() + 0.1 * (1 - LN2), abs=1e-6)
+    # per-token advantages [B, T] (how rl.py applies the TIS weights) equal the [B] form when constant
+    loss_tok, _ = rl.policy_loss(logp, old, adv[:, None].expand(2, 3), mask)
+    assert loss_tok.item() == pytest.approx(loss.item())
+
+
+def test_policy_loss_on_policy_gradient():
+    # on-policy (old = current, detached): d loss / d logp = -A * mask / number of masked tokens
+    logp = torch.randn(3, 4, requires_grad=True)
+    adv = torch.tensor([2.0, -1.0, 0.5])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]])
+    loss, stats = rl.policy_loss(logp, logp.detach(), adv, mask)
+    loss.backward()
+    assert torch.allclose(logp.grad, -adv[:, None] * mask / 6)
+    assert stats["clip_fraction"] == 0.0 and stats["ratio_mean"] == pytest.approx(1.0)
+
+
+def test_microbatch_normalisation_is_the_step_token_mean():
+    """Micro-batches on 2 ranks with uneven token counts give the full batch's token-level loss and
+    gradient; a mean of micro-batch means would not."""
+    torch.manual_seed(0)
+    B, T = 7, 6
+    logp = torch.randn(B, T, requires_grad=True)
+    old = (logp + 0.3 * torch.randn(B, T)).detach()
+    adv = torch.randn(B)
+    lengths = [6, 1, 3, 5, 2, 6, 4]
+    mask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths])
+    full, _ = rl.policy_loss(logp, old, adv, mask)
+    g_full = torch.autograd.grad(full, logp)[0]
+
+    ranks = [[slice(0, 1), slice(1, 4)], [slice(4, 6), slice(6, 7)]]  # rank -> micro-batches
+    step_tokens = mask.sum().item()
+    per_rank, means = [], []
+    for mbs in ranks:
+        total = 0
+        for sl in mbs:
+            l, _ = rl.policy_loss(logp[sl], old[sl], adv[sl], mask[sl])
+            means.append(l)
+            total = total + l * rl.microbatch_scale(mask[sl].sum().item(), step_tokens, world_size=2)
+        per_rank.append(total)
+    ddp = sum(per_rank) / 2  # what DDP's gradient averaging amounts to
+    assert ddp.item() == pytest.approx(full.item(), rel=1e-6)
+    assert torch.allclose(torch.autograd.grad(ddp, logp)[0], g_full, atol=1e-7)
+    assert abs(sum(means).item() / len(means) - full.item()) > 1e-3  # the naive mean differs
+
+
+def test_tis_weights_and_lr_factor():
+    old = torch.tensor([[-1.0, -1.0, -1.0]])
+    sampler = torch.tensor([[-1.0, -1.0 - LN2, -1.0 + LN2]])
+    assert rl.tis_weights(old, sampler, cap=1.5)[0].tolist() == pytest.approx([1.0, 1.5, 0.5])
+    assert [rl.lr_factor(u, 4, 20) for u in (0, 1, 3, 4, 19)] == pytest.approx([0.25, 0.5, 1.0, 1.0, 1.0])
+    assert rl.lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_normalize_rows(tmp_path):
+    orz = [{"from": "human", "value": "What is 2 + 3?"}, {"from": "assistant", "ground_truth": {"value": "5"}}]
+    assert rl.normalize_row(orz, 0, "orz.json") == {"question": "What is 2 + 3?", "answer": "5", "options": None, "images": []}
+    medqa = {"question": "Q?", "options": {"A": "x", "B": "y"}, "answer": "y", "answer_idx": "B"}
+    assert rl.normalize_row(medqa, 1, "medqa.jsonl")["answer"] == "B"
+    assert rl.normalize_row({"question": "Q", "answer": "Natalia ... #### 72"}, 2, "gsm8k.jsonl")["answer"] == "72"
+    path = tmp_path / "d.jsonl"
+    path.write_text("{}")
+    row = rl.normalize_row({"question": "Q", "answer": "1", "images": ["images/a.png"]}, 3, str(path))
+    assert row["images"] == [str(tmp_path / "images" / "a.png")]
+    with pytest.raises(ValueError, match=r"bad\.jsonl: row 7: missing field 'question'"):
+        rl.normalize_row({"prompt": "Q", "answer": "1"}, 7, "bad.jsonl")
+    with pytest.raises(ValueError, match=r"orz\.json: row 4: Orz-math pair"):
+        rl.normalize_row([{"from": "human", "value": "Q"}], 4, "orz.json")
+
+
+def test_step_prompt_indices_cover_each_epoch_once():
+    seen = sum((rl.step_prompt_indices(s, 12, 4, seed=3) for s in range(3)), [])
+    assert sorted(seen) == list(range(12))
+    assert rl.step_prompt_indices(3, 12, 4, 3) != rl.step_prompt_indices(0, 12, 4, 3)  # a new shuffle
+
+
+# ------------------------------------------------------------------ batching and log-probs vs plain forwards
+def _draw(a, b):
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (168, 28), "white")
+    ImageDraw.Draw(im).text((50, 8), f"{a} + {b}", fill="black")
+    return im
+
+
+def test_collate_logprobs_match_unpadded_forward(tiny_vl_dir):
+    """Left-padded prompts + right-padded completions, an image row next to a text row: each row's
+    completion log-probs equal a forward of that sequence alone (3D rope positions, image tokens)."""
+    import generation
+    from transformers import AutoModelForImageTextToText
+    processor, tok = generation.load_processor(tiny_vl_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vl_dir, dtype=torch.float32).eval()
+    rows = [{"question": "Solve the problem.", "answer": "5", "options": None, "images": [_draw(2, 3)]},
+            {"question": "What is 12 + 30?", "answer": "42", "options": None, "images": []},
+            {"question": "Pick one.", "answer": "A", "options": ["5", "6"], "images": []}]
+    completions = [[5, 9, 30, 31, 2], [7, 8], [40, 41, 42]]
+    samples = []
+    for row, comp in zip(rows, completions):
+        prompt = rl.build_prompt(processor, row)
+        ids, vision = rl.encode_prompt(processor, tok, prompt, row["images"])
+        samples.append({"prompt_ids": ids, "vision": vision, "completion_ids": comp, "loss_mask": [1] * len(comp),
+                        "sampler_logprobs": [0.0] * len(comp), "advantage": 1.0})
+    assert "<|image_pad|>" in tok.decode(samples[0]["prompt_ids"]) and "Options" in rl.build_prompt(processor, rows[2])
+    T = 0.7
+    with torch.no_grad():
+        batch = rl.collate(samples, tok.pad_token_id, "cpu")
+        logp, ent = rl.completion_logprobs(model, batch, T, with_entropy=True)
+        assert logp.shape == (3, 5) and batch["mask"].sum().item() == 10
+        for k, s in enumerate(samples):
+            ids = torch.tensor([s["prompt_ids"] + s["completion_ids"]])
+            extra = {kk: v for kk, v in s["vision"].items()}
+            logits = model(input_ids=ids, **extra).logits[0, len(s["prompt_ids"]) - 1:-1]
+            ref = torch.log_softmax(logits / T, -1).gather(-1, torch.tensor(s["completion_ids"])[:, None])[:, 0]
+            n = len(s["completion_ids"])
+            assert torch.allclose(logp[k, :n], ref, atol=1e-4), (k, logp[k, :n], ref)
+        assert (ent[batch["mask"] > 0] > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+KEYS = ["reward_mean", "reward_std", "accuracy", "zero_var_group_frac", "response_length_mean", "response_length_max",
+        "truncation_rate", "clip_fraction", "kl", "entropy", "grad_norm", "gen_tokens_per_s", "train_tokens_per_s",
+        "time_generate", "time_score", "time_train", "logprob_gap_mean", "train_tokens"]
+
+
+def _mixed_data(tmp_path, n=8):
+    """Question/answer rows: half with a drawn image, some multiple choice."""
+    os.makedirs(tmp_path / "images", exist_ok=True)
+    rng = random.Random(0)
+    with open(tmp_path / "mm.jsonl", "w") as f:
+        for i in range(n):
+            a, b = rng.randint(10, 49), rng.randint(10, 49)
+            if i % 2 == 0:
+                _draw(a, b).save(tmp_path / "images" / f"{i}.png")
+                row = {"question": "Solve the problem.", "answer": str(a + b), "images": [f"images/{i}.png"]}
+            else:
+                row = {"question": f"What is {a} + {b}?", "options": [str(a + b), str(a + b + 1)], "answer": "A"}
+            f.write(json.dumps(row) + "\n")
+    return str(tmp_path / "mm.jsonl")
+
+
+def _read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+COMMON = ["--backend", "hf", "--prompts_per_step", "4", "--num_generations", "3", "--max_response_length", "12",
+          "--micro_batch_size", "5", "--learning_rate", "1e-3", "--save_steps", "1"]
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def test_two_steps_then_resume(tiny_vl_dir, tmp_path):
+    data, out = _mixed_data(tmp_path), str(tmp_path / "run")
+    run_script("rl.py", "--model_name_or_path", tiny_vl_dir, "--dataset", data, "--output_dir", out,
+               "--max_steps", "2", *COMMON, env=ENV)
+    log = _read_log(out)
+    assert [r["step"] for r in log] == [1, 2]
+    for r in log:
+        assert all(k in r and math.isfinite(r[k]) for k in KEYS), r
+        # every sampled token trains (but a random model's rare sampled image placeholder)
+        assert 0.9 * r["response_length_mean"] * 12 <= r["train_tokens"] <= round(r["response_length_mean"] * 12)
+        assert r["logprob_gap_mean"] < 1e-2  # hf backend: the sampler is the policy itself
+    assert log[1]["kl"] > 0 or log[0]["grad_norm"] == 0  # beta = 1e-2: a reference model; KL once it moved
+    assert os.path.exists(os.path.join(out, "checkpoint-2", "trainer_state.json"))
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+    assert len(open(os.path.join(out, "completions.jsonl")).readlines()) == 2
+
+    # resume to step 3 (with dynamic sampling: groups of equal rewards are replaced, bounded by 1 round)
+    proc = run_script("rl.py", "--model_name_or_path", tiny_vl_dir, "--dataset", data, "--output_dir", out,
+                      "--max_steps", "3", *COMMON, "--resume", "True", "--dynamic_sampling", "True",
+                      "--dynamic_sampling_max_rounds", "1", env=ENV)
+    assert "resuming at step 2" in proc.stdout
+    log = _read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert log[2]["refill_groups"] == round(4 * log[2]["zero_var_group_frac"])  # one refill round
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_two_steps_torchrun_two_processes(tiny_vl_dir, tmp_path):
+    data, out = _mixed_data(tmp_path), str(tmp_path / "run")
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "rl.py",
+               "--model_name_or_path", tiny_vl_dir, "--dataset", data, "--output_dir", out, "--max_steps", "2",
+               *COMMON, "--mask_truncated_completions", "True", env=ENV)
+    log = _read_log(out)
+    assert [r["step"] for r in log] == [1, 2]
+    for r in log:  # gathered over both ranks: 4 prompts x 3 completions; truncated ones masked
+        kept = (1 - r["truncation_rate"]) * 12
+        assert r["train_tokens"] <= round(r["response_length_mean"] * 12) and r["train_tokens"] >= kept
+        assert all(math.isfinite(r[k]) for k in KEYS)
+    assert os.path.exists(os.path.join(out, "checkpoint-2", "trainer_state.json"))
+
+
+def test_overlong_prompts_are_filtered_and_counted(tiny_vl_dir, tmp_path):
+    data, out = _mixed_data(tmp_path), str(tmp_path / "run")
+    import subprocess
+    import sys
+    cmd = [sys.executable, "rl.py", "--model_name_or_path", tiny_vl_dir, "--dataset", data, "--output_dir", out,
+           "--max_steps", "1", *COMMON, "--max_prompt_length", "30"]
+    proc = subprocess.run(cmd, cwd=rl.os.path.dirname(rl.__file__), capture_output=True, text=True, env={**os.environ, **ENV})
+    assert proc.returncode != 0 and "0 usable prompts (8 longer than --max_prompt_length 30)" in proc.stderr
