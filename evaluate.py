@@ -43,26 +43,33 @@ PAPER_BENCHMARKS = ["gsm8k", "mmlu_pro", "mmmu_val", "mmmu_pro_standard", "mmsta
 @dataclass
 class Config:
     model_name_or_path: str = ""  # hub id or folder of the model to evaluate (paper: X-Reasoner-7B)
-    benchmarks: list[str] = field(default_factory=lambda: list(PAPER_BENCHMARKS))  # names, comma or space separated (default: the paper's 15)
-    data_dir: str | None = None  # local copies: DIR/<name>.jsonl|.json|.parquet or a save_to_disk folder DIR/<name>/ (else the hub)
+    # benchmark names, comma or space separated (default: the paper's 15; see REGISTRY for all)
+    benchmarks: list[str] = field(default_factory=lambda: list(PAPER_BENCHMARKS))
+    # local copies: DIR/<name>.jsonl|.json|.parquet or a save_to_disk folder DIR/<name>/ (unset: the hub)
+    data_dir: str | None = None
     output_dir: str = "runs/eval"  # per-item JSONL, summary.json, results.md (and compare.md/.png)
-    backend: str = "vllm"  # vllm (paper) | hf (transformers generate) | replay (scripted responses, tests only)
-    replay_file: str | None = None  # replay backend: JSONL of {"benchmark", "id", "responses": [...], "noimage_responses": [...]}
+    backend: str = "vllm"  # vllm (paper) | hf (transformers generate) | replay (scripted, tests only)
+    # replay backend: JSONL of {"benchmark", "id", "responses": [...], "noimage_responses": [...]}
+    replay_file: str | None = None
     max_new_tokens: int = 4096  # total cap on generated tokens (paper: 4096)
-    think_budget: int | None = 3584  # forced exit: append </think> after this many thinking tokens; 0/None = off (paper: on, budget not stated; this leaves 512 tokens to answer)
-    num_samples: int = 1  # samples per item: 1 with temperature 0 for headline numbers; paper also 5 (avg@5, maj@5, pass@5)
-    temperature: float = 0.0  # 0 = greedy (paper's headline numbers); paper's k-sample runs use 0.3
+    # forced exit: after this many thinking tokens append </think> and let the model answer; 0 = off.
+    # Paper: on, budget not stated; 3584 leaves 512 of the 4096 tokens for the answer.
+    think_budget: int | None = 3584
+    num_samples: int = 1  # samples per item: 1 (greedy headline numbers); paper also 5 -> avg/maj/pass@5
+    temperature: float = 0.0  # 0 = greedy (paper's headline numbers); paper's 5-sample runs: 0.3
     top_p: float = 1.0  # nucleus sampling when temperature > 0
-    limit: int | None = None  # evaluate only the first N items of each benchmark (after subset filtering)
-    seed: int = 0  # sampling seed (and the option shuffle of GPQA)
+    limit: int | None = None  # only the first N items of each benchmark (after subset filtering)
+    seed: int = 0  # sampling seed
     batch_size: int = 512  # items per generation call; the JSONL is flushed and fsynced after each
-    text_solvable_removed: bool = False  # paper's analysis: also answer image items without the image, report accuracy on those not solved that way
+    # paper's analysis: also answer image items without their image; report accuracy on the items not
+    # solved that way ("text-solvable removed")
+    text_solvable_removed: bool = False
     max_pixels: int = 262144  # downscale larger images to this many pixels (model card: 512x512); 0 = off
     tensor_parallel_size: int = 1  # vLLM: GPUs per model
     gpu_memory_utilization: float = 0.9  # vLLM: fraction of GPU memory for weights and KV cache
     max_model_len: int | None = None  # vLLM: context length (default: the model's)
-    kv_cache_memory_bytes: int | None = None  # vLLM: fixed KV cache size (CPU tests use 256 MiB)
-    compare: list[str] = field(default_factory=list)  # instead of evaluating: tabulate and plot these run folders side by side
+    kv_cache_memory_bytes: int | None = None  # vLLM: fixed KV cache size (CPU tests: 256 MiB)
+    compare: list[str] = field(default_factory=list)  # instead: tabulate and plot these run folders
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,7 +126,7 @@ def make_item(id, question, images, options, gold, kind, **extra) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Converters: one per data shape (../BENCHMARKS in the README lists the real fields)
+# Converters: one per data shape (fields as on each dataset's card)
 # ---------------------------------------------------------------------------------------------------
 def convert_gsm8k(row, base):  # openai/gsm8k: question, answer "...#### 72"
     gold = str(row["answer"]).split("####")[-1].strip().replace(",", "")
@@ -239,25 +246,19 @@ def mmmu_subject(row) -> str:
 @dataclass
 class Benchmark:
     hub_id: str | None  # None: no canonical hub copy, read from --data_dir
-    configs: list  # hub configs, concatenated (None = the default config)
+    configs: list  # hub configs, concatenated (None: the default config, "all": every config)
     split: str
     convert: Callable  # (raw row, folder of the data file) -> item
     parent: str | None = None  # subsets read their parent's data and filter it
     keep: Callable | None = None  # raw row -> bool (the subset's filter)
 
 
-MMMU_SUBJECTS = ["Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory",
-                 "Basic_Medical_Science", "Biology", "Chemistry", "Clinical_Medicine", "Computer_Science",
-                 "Design", "Diagnostics_and_Laboratory_Medicine", "Economics", "Electronics", "Energy_and_Power",
-                 "Finance", "Geography", "History", "Literature", "Manage", "Marketing", "Materials", "Math",
-                 "Mechanical_Engineering", "Music", "Pharmacy", "Physics", "Psychology", "Public_Health",
-                 "Sociology"]
 REGISTRY = {
     "gsm8k": Benchmark("openai/gsm8k", ["main"], "test", convert_gsm8k),
     "mmlu_pro": Benchmark("TIGER-Lab/MMLU-Pro", [None], "test", convert_mmlu_pro),
     "mmlu_pro_health": Benchmark("TIGER-Lab/MMLU-Pro", [None], "test", convert_mmlu_pro, parent="mmlu_pro",
                                  keep=lambda r: r.get("category") == "health"),
-    "mmmu_val": Benchmark("MMMU/MMMU", MMMU_SUBJECTS, "validation", convert_mmmu),
+    "mmmu_val": Benchmark("MMMU/MMMU", ["all"], "validation", convert_mmmu),  # its 30 subject configs
     "mmmu_health": Benchmark("MMMU/MMMU", sorted(HEALTH_SUBJECTS), "validation", convert_mmmu, parent="mmmu_val",
                              keep=lambda r: mmmu_subject(r) in HEALTH_SUBJECTS),
     "mmmu_pro_standard": Benchmark("MMMU/MMMU_Pro", ["standard (10 options)"], "test", convert_mmmu),
@@ -326,7 +327,8 @@ def load_items(name: str, cfg: Config) -> list[dict]:
             raise ValueError(f"{name} has no hub copy: download it and pass --data_dir (see the registry comments)")
         import datasets
         rows, base, source = [], ".", spec.hub_id
-        for config in spec.configs:
+        configs = datasets.get_dataset_config_names(spec.hub_id) if spec.configs == ["all"] else spec.configs
+        for config in configs:
             ds = datasets.load_dataset(spec.hub_id, config, split=spec.split)
             rows += [dict(r, _config=config) for r in ds]
     rows = [dict(r, _index=i) for i, r in enumerate(rows)]  # the position is the id of rows without one
@@ -445,7 +447,7 @@ def read_records(path: str) -> dict:
         with open(path, "r+b") as f:
             f.truncate(len(data))
     records = {}
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    for n, line in enumerate(data.decode("utf-8").split("\n"), 1):  # not splitlines: text may hold \u2028
         if line.strip():
             try:
                 rec = json.loads(line)
@@ -471,6 +473,31 @@ def replay_generate(table: dict, bench: str, items: list, n: int, key: str) -> l
                                     forced_exit=r.get("forced_exit", False)))
         outs.append(comps)
     return outs
+
+
+def score_chunk(items: list, prompts: list, outs: list, blind_outs: dict, k: int) -> list[dict]:
+    """Per-item records: responses, extracted answers (None = parse failure), correctness, lengths,
+    truncation, forced exit; for multiple choice the letter each sample picks (what maj@k votes on)."""
+    rep = lambda xs: [x for x in xs for _ in range(k)]  # per item -> per sample
+    correct = score([c.text for cs in outs for c in cs], rep([it["gold"] for it in items]),
+                    rep([it["options"] for it in items]))
+    blind = sorted(blind_outs)
+    bcorrect = score([c.text for i in blind for c in blind_outs[i]], rep([items[i]["gold"] for i in blind]),
+                     rep([items[i]["options"] for i in blind])) if blind else []
+    records = []
+    for i, (it, p, cs) in enumerate(zip(items, prompts, outs)):
+        rec = {"id": it["id"], "kind": it["kind"], "gold": it["gold"], "options": it["options"],
+               "prompt": p["prompt"], "n_images": len(p["images"]), "responses": [c.text for c in cs],
+               "extracted": [rewards.extract_answer(c.text) for c in cs], "correct": correct[i * k:(i + 1) * k],
+               "tokens": [len(c.token_ids) for c in cs], "truncated": [c.finish_reason == "length" for c in cs],
+               "forced_exit": [c.forced_exit for c in cs]}
+        if it["options"]:
+            rec["choice"] = [rewards.extract_choice(c.text, it["options"]) for c in cs]
+        if i in blind_outs:
+            b = blind.index(i)
+            rec.update(noimage_responses=[c.text for c in blind_outs[i]], noimage_correct=bcorrect[b * k:(b + 1) * k])
+        records.append(rec)
+    return records
 
 
 def write_reports(summary: dict, out_dir: str, num_samples: int):
@@ -499,14 +526,12 @@ def write_reports(summary: dict, out_dir: str, num_samples: int):
 
 def compare_runs(run_dirs: list[str], out_dir: str) -> str:
     """Side-by-side accuracy (%) of several runs: compare.md and a grouped bar chart compare.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    names = names if len(set(names)) == len(names) else run_dirs  # runs/a/eval vs runs/b/eval: full paths
     runs = {}
-    for d in run_dirs:
+    for name, d in zip(names, run_dirs):
         with open(os.path.join(d, "summary.json")) as f:
-            runs[os.path.basename(os.path.normpath(d))] = json.load(f)["benchmarks"]
+            runs[name] = json.load(f)["benchmarks"]
     benches = list(dict.fromkeys(b for r in runs.values() for b in r))
     acc = {n: [None if r.get(b) is None or r[b]["accuracy"] is None else 100 * r[b]["accuracy"] for b in benches]
            for n, r in runs.items()}
@@ -517,6 +542,13 @@ def compare_runs(run_dirs: list[str], out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(table)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no compare.png", file=sys.stderr)
+        return table
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(benches) * max(1, len(runs)) / 2), 4))
     width = 0.8 / len(runs)
     for j, n in enumerate(runs):
@@ -545,10 +577,10 @@ def main(cfg: Config):
 
     # ---- 1. Engine ---------------------------------------------------------------------------------
     if cfg.backend == "replay":
-        engine, processor, table = None, None, {}
+        engine, processor, scripted = None, None, {}
         with open(cfg.replay_file) as f:
             for row in map(json.loads, filter(str.strip, f)):
-                table[(row.get("benchmark"), str(row["id"]))] = row
+                scripted[(row.get("benchmark"), str(row["id"]))] = row
     else:
         if not cfg.model_name_or_path:
             raise ValueError("--model_name_or_path is required")
@@ -559,11 +591,15 @@ def main(cfg: Config):
 
     def sample(bench, items, prompts, key, seed):
         if cfg.backend == "replay":
-            return replay_generate(table, bench, items, cfg.num_samples, key)
+            return replay_generate(scripted, bench, items, cfg.num_samples, key)
         return generate(engine, prompts, n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                         max_new_tokens=cfg.max_new_tokens, think_budget=think_budget, seed=seed)
 
     summary = {"config": asdict(cfg), "benchmarks": {}}
+    if os.path.exists(os.path.join(cfg.output_dir, "summary.json")):  # benchmarks run earlier into this folder
+        with open(os.path.join(cfg.output_dir, "summary.json")) as f:
+            summary["benchmarks"] = json.load(f)["benchmarks"]
+    table = ""
     for bench in benchmarks:
         # ---- 2. Data: convert, then skip what an earlier run already finished -------------------------
         items = load_items(bench, cfg)
@@ -591,31 +627,10 @@ def main(cfg: Config):
                 blind_outs = dict(zip(blind, sample(bench, [chunk[i] for i in blind],
                                                     [build_prompt(chunk[i], processor, False) for i in blind],
                                                     "noimage_responses", seed + 10**6))) if blind else {}
-                # ---- 5. Score with rewards.py --------------------------------------------------------
-                texts = [c.text for cs in outs for c in cs]
-                rep = lambda xs: [x for x in xs for _ in range(cfg.num_samples)]  # per item -> per sample
-                correct = score(texts, rep([it["gold"] for it in chunk]), rep([it["options"] for it in chunk]))
-                btexts = [c.text for i in blind for c in blind_outs[i]]
-                bcorrect = score(btexts, rep([chunk[i]["gold"] for i in blind]),
-                                 rep([chunk[i]["options"] for i in blind])) if blind else []
-                # ---- 6. Write one line per item, then flush + fsync (what resume relies on) -----------------
-                lines = []
-                for i, (it, p, cs) in enumerate(zip(chunk, prompts, outs)):
-                    k = cfg.num_samples
-                    rec = {"id": it["id"], "kind": it["kind"], "gold": it["gold"], "options": it["options"],
-                           "prompt": p["prompt"], "n_images": len(p["images"]),
-                           "responses": [c.text for c in cs],
-                           "extracted": [rewards.extract_answer(c.text) for c in cs],  # None = parse failure
-                           "correct": correct[i * k:(i + 1) * k], "tokens": [len(c.token_ids) for c in cs],
-                           "truncated": [c.finish_reason == "length" for c in cs],
-                           "forced_exit": [c.forced_exit for c in cs]}
-                    if it["options"]:  # the letter each sample picks: what maj@k votes on
-                        rec["choice"] = [rewards.extract_choice(c.text, it["options"]) for c in cs]
-                    if i in blind_outs:
-                        b = blind.index(i)
-                        rec.update(noimage_responses=[c.text for c in blind_outs[i]],
-                                   noimage_correct=bcorrect[b * k:(b + 1) * k])
-                    lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+                # ---- 5. Score with rewards.py; one JSONL line per item --------------------------------------
+                lines = [json.dumps(rec, ensure_ascii=False) + "\n"
+                         for rec in score_chunk(chunk, prompts, outs, blind_outs, cfg.num_samples)]
+                # ---- 6. Append, then flush + fsync: what resume relies on ----------------------------------
                 out.write("".join(lines))
                 out.flush()
                 os.fsync(out.fileno())

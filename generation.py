@@ -29,7 +29,13 @@ Weight sync (vLLM): `sync_weights` streams the full state dict (tied `lm_head.we
 CPU backend keeps a separate copy of the head) into every worker with
 `collective_rpc("reload_weights")`, then resets the prefix cache, whose KV entries were computed by the
 old weights. With FSDP / DeepSpeed ZeRO-3 pass the `accelerator`: the full tensors are gathered from the
-shards one at a time (`full_state_dict`).
+shards one at a time (`full_state_dict`). A GRPO step with a colocated engine:
+
+    engine = load_engine(path, "vllm", gpu_memory_utilization=0.3, enable_sleep_mode=True)
+    wake_up(engine); sync_weights(engine, model, accelerator)      # fresh weights, fresh KV cache
+    outs = generate(engine, prompts, n=8, return_logprobs=True)   # old log-probs for the ratio
+    sleep(engine)                                                  # GPU memory back to the trainer
+    ...loss, backward, optimizer step...
 """
 
 import os
@@ -289,9 +295,11 @@ def _sample_hf(engine: Engine, jobs: list[dict], *, n, temperature, top_p, retur
         inputs = _hf_inputs(engine, [j["prompt"] for _, j in chunk], [j["images"] for _, j in chunk],
                             [j["extra"] for _, j in chunk])
         greedy = temperature == 0
+        # repetition_penalty 1.0 overrides checkpoints' generation_config (Qwen2.5-VL-Instruct ships
+        # 1.05), as vLLM's SamplingParams do: both backends sample from plain softmax(logits / T).
         kwargs = dict(do_sample=not greedy, max_new_tokens=max(j["max_tokens"] for _, j in chunk),
                       pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
-                      output_scores=return_logprobs)
+                      output_scores=return_logprobs, repetition_penalty=1.0)
         if not greedy:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         if stop:
@@ -315,23 +323,21 @@ def _sample_hf(engine: Engine, jobs: list[dict], *, n, temperature, top_p, retur
 # ----------------------------------------------------------------------------------------------------
 
 def full_state_dict(model, accelerator=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, full tensor) for the model's weights, one at a time, HF names (tied weights under
-    both names). Gathers shards: FSDP2 (DTensor.full_tensor), FSDP1 (full state dict on every rank) and
-    DeepSpeed ZeRO-3 (GatheredParameters). Collective under FSDP / ZeRO-3: call it on every rank.
-    Not exercised by the CPU tests (FSDP / ZeRO-3 do not shard on the CPU)."""
-    if accelerator is None:
-        yield from getattr(model, "module", model).state_dict().items()  # DDP-wrapped or plain
-        return
-    plugin = accelerator.state.deepspeed_plugin
+    """Yield (name, full tensor) for the model's weights, one at a time, with HF names (tied weights
+    under both names: vLLM's CPU backend keeps its own copy of the head). Gathers shards: FSDP2 / any
+    DTensor (`full_tensor`), and, given the `accelerator`, FSDP1 (a full state dict on every rank) and
+    DeepSpeed ZeRO-3 (`GatheredParameters`, one parameter at a time). Under FSDP / ZeRO-3 this is a
+    collective: every rank must consume it, in the same order."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
     if plugin is not None and plugin.zero_stage == 3:
         import deepspeed
 
-        inner = accelerator.unwrap_model(model)
-        for name, p in inner.named_parameters(remove_duplicate=False):  # keeps the tied lm_head alias
+        for name, p in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
             with deepspeed.zero.GatheredParameters([p]):
-                yield name, p.data
+                yield name, p.data.clone()  # vLLM buffers a layer's tensors; the gathered one is freed
         return
-    if accelerator.distributed_type.name == "FSDP" and not getattr(accelerator, "is_fsdp2", False):
+    if (accelerator is not None and accelerator.distributed_type.name == "FSDP"
+            and not getattr(accelerator, "is_fsdp2", False)):
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -341,7 +347,8 @@ def full_state_dict(model, accelerator=None) -> Iterator[tuple[str, torch.Tensor
         return
     from torch.distributed.tensor import DTensor
 
-    for name, t in accelerator.unwrap_model(model).state_dict().items():  # FSDP2 shards are DTensors
+    inner = accelerator.unwrap_model(model) if accelerator is not None else getattr(model, "module", model)
+    for name, t in inner.state_dict().items():  # plain, DDP (unwrapped) or FSDP2 (DTensor shards)
         yield name, t.full_tensor() if isinstance(t, DTensor) else t
 
 

@@ -28,6 +28,7 @@ or an explosive power (9^{9^9}, x^{10000000}) is scored 0 without calling sympy 
 
 import ast
 import atexit
+import math
 import os
 import re
 import signal
@@ -325,6 +326,197 @@ def _number(s: str):
     return None
 
 
+_TOKEN = re.compile(r"\d+\.?\d*|\.\d+|\\[a-zA-Z]+|[a-zA-Z]|[-+*/^(){}\[\]]")
+_POINTS = (0.5377, 1.3217, 2.0719)  # where both sides' variables are evaluated
+
+
+def _evaluate(s: str):
+    """Numeric value of a small LaTeX expression (numbers, + - * / ^, \\frac, \\sqrt, \\pi, \\cdot,
+    single-letter variables) at a few points: (variables, values), or None when anything else shows up.
+    A tiny recursive-descent reader: nothing is evaluated as code. Used to decide easy math without sympy."""
+    s = _canon(s).replace("\\cdot", "*").replace("\\times", "*").replace("\\dfrac", "\\frac")
+    toks = _TOKEN.findall(s)
+    if not toks or len(toks) > 200 or "".join(toks) != s:
+        return None
+    names = sorted({t for t in toks if len(t) == 1 and t.isalpha()})
+    if len(names) > 2 or "e" in names or "i" in names:  # e and i are constants to sympy
+        return None
+    values = []
+    for x in _POINTS:
+        env = {n: x + k for k, n in enumerate(names)}
+        pos = [0]
+
+        def peek():
+            return toks[pos[0]] if pos[0] < len(toks) else None
+
+        def take(want=None):
+            t = peek()
+            if t is None or (want is not None and t != want):
+                raise ValueError
+            pos[0] += 1
+            return t
+
+        def group():  # {expr}, or one digit / letter as in \frac12
+            t = peek()
+            if t == "{":
+                take()
+                v = expr()
+                take("}")
+                return v
+            if t is not None and t[0].isdigit():
+                toks[pos[0]:pos[0] + 1] = [t[0], t[1:]] if len(t) > 1 else [t]
+                return float(take())
+            if t is not None and t in env:
+                return env[take()]
+            raise ValueError
+
+        def atom():
+            t = peek()
+            if t is None:
+                raise ValueError
+            if t[0].isdigit() or t[0] == ".":
+                return float(take())
+            if t in ("(", "{", "["):
+                take()
+                v = expr()
+                take({"(": ")", "{": "}", "[": "]"}[t])
+                return v
+            if t == "\\frac":
+                take()
+                a, b = group(), group()
+                return a / b
+            if t == "\\sqrt":
+                take()
+                n = 2.0
+                if peek() == "[":
+                    take()
+                    n = expr()
+                    take("]")
+                v = group()
+                if v < 0 or not 1 <= n <= 10:
+                    raise ValueError
+                return v ** (1 / n)
+            if t == "\\pi":
+                take()
+                return math.pi
+            if t in env:
+                return env[take()]
+            raise ValueError
+
+        def power():
+            v = atom()
+            if peek() == "^":
+                take()
+                t = peek()
+                if t is not None and t[0].isdigit() and len(t) > 1:
+                    raise ValueError  # x^23: LaTeX reads x^2 * 3; too easy to misread, leave to sympy
+                e = group() if t != "-" else -(take() and group())
+                if abs(e) > 64 or abs(v) > 1e6 or (v < 0 and e != int(e)):
+                    raise ValueError
+                v = v ** e
+            return v
+
+        def unary():
+            if peek() in ("-", "+"):
+                return -unary() if take() == "-" else unary()
+            return power()
+
+        def term():
+            v = unary()
+            while True:
+                t = peek()
+                if t in ("*", "/"):
+                    take()
+                    w = unary()
+                    v = v * w if t == "*" else v / w
+                elif t is not None and t not in ("+", "-", ")", "}", "]", "^"):
+                    v = v * power()  # implicit product: 2\sqrt{2}, 3x, (x+1)(x-1)
+                else:
+                    return v
+
+        def expr():
+            v = term()
+            while peek() in ("+", "-"):
+                v = v + term() if take() == "+" else v - term()
+            return v
+
+        try:
+            v = expr()
+            if pos[0] != len(toks) or not math.isfinite(v):
+                return None
+        except (ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError):
+            return None
+        values.append(v)
+    return tuple(names), values
+
+
+def _tuple_parts(s: str):
+    """"(a,b]" -> ("(]", ["a", "b"]) for a bracketed list of 2+ items, else None."""
+    s = _canon(s)
+    if len(s) < 5 or s[0] not in "([" or s[-1] not in ")]":
+        return None
+    parts, depth, start = [], 0, 1
+    for j in range(1, len(s) - 1):
+        c = s[j]
+        depth += (c in "([{") - (c in ")]}")
+        if depth < 0:
+            return None  # "(1)+(2)": not one bracketed list
+        if c == "," and depth == 0:
+            parts.append(s[start:j])
+            start = j + 1
+    parts.append(s[start:-1])
+    return (s[0] + s[-1], parts) if len(parts) > 1 and depth == 0 else None
+
+
+def _scalars_equal(g: float, p: float):
+    """Math-Verify's rule for numbers (rounded to 6 decimals), where it is clear: 1.0 / 0.0 / None."""
+    d = abs(g - p)
+    if d <= 1e-12 * max(1.0, abs(g)):
+        return 1.0
+    if abs(g) > 1e6:  # floats are too coarse here to mimic the rounding
+        return 0.0 if d > 1e-4 * abs(g) else None
+    if d > 2e-6:
+        return 0.0
+    near_tie = any(abs(x * 1e6 - math.floor(x * 1e6) - 0.5) < 1e-6 for x in (g, p))
+    return None if near_tie else float(round(g, 6) == round(p, 6))
+
+
+_UNITLESS_VARS = set("xyznk")  # letters that are variables, never units (5m may mean 5 metres)
+
+
+def _compare_numeric(gold: str, pred: str):
+    """Decide easy math without sympy: 1.0 / 0.0, or None to ask Math-Verify."""
+    gt, pt = _tuple_parts(gold), _tuple_parts(pred)
+    if gt or pt:
+        gvals = [_evaluate(x) for x in gt[1]] if gt else [_evaluate(gold)]
+        pvals = [_evaluate(x) for x in pt[1]] if pt else [_evaluate(pred)]
+        if any(v is None or v[0] for v in gvals + pvals):  # not all constants
+            return None
+        if bool(gt) != bool(pt):
+            return 0.0  # a tuple is never a number
+        if gt[0] != pt[0] or len(gvals) != len(pvals):
+            return None  # (1,2] vs [1,2], or sizes differ: Math-Verify's call
+        gv, pv = [v[1][0] for v in gvals], [v[1][0] for v in pvals]
+        same = [_scalars_equal(a, b) for a, b in zip(gv, pv)]
+        if all(s == 1.0 for s in same):
+            return 1.0
+        sorted_same = [_scalars_equal(a, b) for a, b in zip(sorted(gv), sorted(pv))]
+        return 0.0 if 0.0 in sorted_same else None  # no order (tuple or set) can match
+    gv = _evaluate(gold)
+    pv = _evaluate(pred) if gv is not None else None
+    if pv is None:
+        return None
+    if not gv[0] and not pv[0]:
+        return _scalars_equal(gv[1][0], pv[1][0])
+    if not gv[0] and set(pv[0]) <= _UNITLESS_VARS and "\\text" not in pred and "\\mathrm" not in pred:
+        varies = max(pv[1]) - min(pv[1]) > 1e-6 * max(1.0, abs(pv[1][0]))
+        return 0.0 if varies else None  # an expression in x is not a number
+    if gv[0] == pv[0]:  # same variables: compare values at the same points
+        err = max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(gv[1], pv[1]))
+        return 1.0 if err <= 1e-9 else 0.0 if err > 1e-4 else None
+    return None
+
+
 def _is_word(gold: str) -> bool:
     """A free-form text gold (yes/no, a name), scored by normalised string match, not by sympy."""
     g = re.sub(r"\\text\{([^{}]*)\}", r"\1", gold).strip().strip(".")
@@ -352,6 +544,18 @@ def _explosive(s: str) -> bool:
     return _EXPLOSIVE.search(s.replace("**", "^")) is not None
 
 
+def _simple(gold: str) -> bool:
+    """Plain, well-formed math text: safe to call equal to an identical string without parsing it."""
+    if len(gold) > 300 or not re.fullmatch(r"[\w\\{}()\[\].,;:+\-*/^=<>|!%' ]+", gold) or not re.search(r"\w", gold):
+        return False
+    depth = 0
+    for c in gold:
+        depth += (c in "{([") - (c in "})]")
+        if depth < 0 or depth > MAX_DEPTH:
+            return False
+    return gold.count("{") == gold.count("}")
+
+
 def _clean_gold(gold) -> str:
     g = "" if gold is None else str(gold)
     if "####" in g:  # GSM8K's solution field
@@ -368,9 +572,11 @@ def _fast_math(gold: str, pred: str | None):
         return float(pred is not None and _norm_text(pred) == _norm_text(gold))
     g = _number(gold)
     if pred is None:
-        return 0.0 if g is not None else "slow"  # "slow" finds out whether the gold parses
-    sane = len(gold) < 300 and _depth(gold) <= MAX_DEPTH and gold.count("{") == gold.count("}")
-    if sane and _canon(gold) == _canon(pred):
+        tp = _tuple_parts(gold) if _simple(gold) else None
+        known = g is not None or (_simple(gold) and _evaluate(gold) is not None) or (
+            tp is not None and all(_evaluate(x) is not None for x in tp[1]))
+        return 0.0 if known else "slow"  # "slow" finds out whether the gold parses
+    if _simple(gold) and _canon(gold) == _canon(pred):
         return 1.0
     p = _number(pred)
     if g is not None and p is not None:
@@ -378,14 +584,14 @@ def _fast_math(gold: str, pred: str | None):
             return 1.0
         if g[1] and p[1]:
             return 0.0  # two different integers
-        if abs(g[0] - p[0]) > Fraction(1, 10**4) * max(1, abs(g[0])):
-            return 0.0
-        return "slow"  # close decimals: let Math-Verify apply its rounding rules
+        r = _scalars_equal(float(g[0]), float(p[0]))  # Math-Verify's 6-decimal rounding
+        return "slow" if r is None else r
     if len(pred) > MAX_ANSWER_CHARS or _depth(pred) > MAX_DEPTH:
         return 0.0 if g is not None else "slow0"
     if _explosive(pred) and not _explosive(gold):  # sympy would evaluate 9^{9^{9}} digit by digit
         return 0.0 if g is not None else "slow0"
-    return "slow"
+    r = _compare_numeric(gold, pred) if _simple(gold) else None
+    return "slow" if r is None else r
 
 
 def _mv_parse(s: str):
@@ -407,10 +613,16 @@ def _verify_item(gold: str, pred: str | None):
     return float(bool(p) and verify(g, p, timeout_seconds=None))
 
 
-def _worker_main(conn):
+def _worker_main(conn, inherited):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    for c in inherited:  # pipe ends copied by fork: holding them would hide the parent's exit (EOF)
+        c.close()
+    parent = os.getppid()
     while True:
         try:
+            while not conn.poll(1.0):
+                if os.getppid() != parent:  # the parent died without closing us: leave
+                    return
             idx, gold, pred = conn.recv()
         except (EOFError, OSError):
             return
@@ -444,7 +656,8 @@ class VerifyPool:
 
     def _start(self, i):
         parent, child = self.ctx.Pipe()
-        p = self.ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        inherited = [parent] + [c for c in self.conns if c is not None] if self.ctx.get_start_method() == "fork" else []
+        p = self.ctx.Process(target=_worker_main, args=(child, inherited), daemon=True)
         p.start()
         child.close()
         self.procs[i], self.conns[i] = p, parent

@@ -88,6 +88,7 @@ class Config:
     vllm_gpu_memory_utilization: float = 0.3  # GPU memory fraction vLLM may take next to the trainer
     vllm_tensor_parallel_size: int = 1  # GPUs per engine
     vllm_sleep: bool = True  # free vLLM's GPU memory while training (GPUs only)
+    vllm_dtype: str = "auto"  # vLLM's weight dtype ("auto": the checkpoint's; bf16 on GPUs for the paper's model)
     vllm_kv_cache_memory_bytes: Optional[int] = None  # fixed KV cache size instead of the fraction (CPU tests)
     # bookkeeping
     save_steps: int = 50  # checkpoint every this many steps (0 = only the final model)
@@ -407,12 +408,12 @@ def main(cfg: Config):
     else:
         engine = generation.load_engine(
             cfg.model_name_or_path, "vllm", processor=processor, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed + rank,
-            max_model_len=cfg.max_prompt_length + cfg.max_response_length,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed,  # + rank inside
+            max_model_len=cfg.max_prompt_length + cfg.max_response_length, dtype=cfg.vllm_dtype,
             enable_sleep_mode=cfg.vllm_sleep and torch.cuda.is_available(),
             kv_cache_memory_bytes=cfg.vllm_kv_cache_memory_bytes)
         if resume_dir:
-            generation.sync_weights(engine, policy)
+            generation.sync_weights(engine, model, accelerator)  # gathers FSDP shards
 
     def rollout(indices, seed):
         """Sample G completions for each row and score them: one dict per group."""
@@ -547,7 +548,7 @@ def main(cfg: Config):
         t0 = time.time()
         if cfg.backend == "vllm":
             generation.wake_up(engine)
-            generation.sync_weights(engine, policy)
+            generation.sync_weights(engine, model, accelerator)  # gathers FSDP shards
         t_sync = time.time() - t0
 
         # ==== 7. log: metrics gathered over ranks ====
@@ -591,7 +592,7 @@ def main(cfg: Config):
         policy.save_pretrained(cfg.output_dir, state_dict=state_dict)
         processor.save_pretrained(cfg.output_dir)
         print(f"rl.py: saved the policy to {cfg.output_dir}")
-    accelerator.end_training()
+    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

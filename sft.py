@@ -347,6 +347,7 @@ def main(cfg: SFTConfig):
     is_vlm = hasattr(model_config, "vision_config")
     log_with = None if cfg.report_to == "none" else cfg.report_to
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # (torchrun on the CPU: gloo processes, else Accelerate sees one)
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_with=log_with, project_dir=cfg.output_dir,
         mixed_precision="bf16" if cfg.bf16 and torch.cuda.is_available() else "no",
         # text-only batches leave a trainable projector unused: DDP must not wait for its gradients
@@ -354,6 +355,7 @@ def main(cfg: SFTConfig):
     )
     set_seed(cfg.seed)
     world = accelerator.num_processes
+    cfg.gradient_accumulation_steps = accelerator.gradient_accumulation_steps  # a DeepSpeed config's value wins
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
     resume_dir = list_checkpoints(cfg.output_dir)[-1] if cfg.resume and list_checkpoints(cfg.output_dir) else None

@@ -46,22 +46,26 @@ def write_toy_questions(folder: str) -> tuple[str, str]:
 
 
 def toy_targets() -> list[tuple[str, str]]:
-    """(user prompt, response in the paper's format) for every toy question."""
-    rows = [(rewards.train_prompt(f"What is {a} + {b}?"),
-             rewards.format_response(f"{a} + {b} = {a + b}", str(a + b))) for a, b in MATH]
+    """(user prompt, teacher response) for every toy question. The teacher writes its own style (no
+    newlines, a bare option letter), which distill.py normalises to the paper's format; a fixed 3-token
+    thinking and newline-free tags are learned in a few dozen steps (copying digits takes hundreds)."""
+    rows = [(rewards.train_prompt(f"What is {a} + {b}?"), f"<think>The answer is</think><answer>{a + b}</answer>")
+            for a, b in MATH]
     for a, b in MCQ:
         options, letter = mcq_options(a, b)
         rows.append((rewards.mcq_prompt(f"What is {a} + {b}?", options),
-                     rewards.format_response(f"{a} + {b} = {a + b}, option {letter}", f"{letter}: {a + b}")))
+                     f"<think>The answer is</think><answer>{letter}</answer>"))
     return rows
 
 
-def finetune_teacher(model_dir: str, out_dir: str, steps: int = 60, lr: float = 3e-3) -> str:
+def finetune_teacher(model_dir: str, out_dir: str, steps: int = 40, lr: float = 1e-3) -> str:
     """A few dozen plain AdamW steps on the toy rows (loss on the response), so most samples verify."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on shared busy cores one thread is several times faster than two
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     seqs = []
@@ -84,6 +88,7 @@ def finetune_teacher(model_dir: str, out_dir: str, steps: int = 60, lr: float = 
         loss.backward()
         opt.step()
     model.eval()
+    torch.set_num_threads(threads)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import generation
+from conftest import run_script
 from generation import THINK_END, Completion, chat_prompt, generate, load_engine, sync_weights
 
 QUESTIONS = ["What is 37 + 48?", "Compute 12 - 5."]
@@ -160,6 +161,37 @@ def test_full_state_dict_and_hf_sync(tiny_text_dir, hf_engine):
     sync_weights(hf_engine, hf_engine.model)  # the engine's own model: nothing to do
 
 
+FSDP2_SCRIPT = """
+import sys, torch
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM
+from accelerate import Accelerator
+sys.path.insert(0, sys.argv[2])
+import generation
+acc = Accelerator(cpu=True)
+want = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).state_dict()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+for layer in model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+assert type(model.state_dict()["model.layers.0.mlp.up_proj.weight"]).__name__ == "DTensor"
+full = dict(generation.full_state_dict(model, acc))
+assert full.keys() == want.keys(), set(full) ^ set(want)
+assert all(torch.equal(full[k], want[k]) for k in want)
+print("rank", acc.process_index, "gathered", len(full))
+"""
+
+
+@pytest.mark.slow
+def test_full_state_dict_gathers_fsdp2_shards(tiny_text_dir, tmp_path):
+    """Two ranks (gloo) shard the model with FSDP2; every rank gets the full, unsharded weights."""
+    script = tmp_path / "fsdp2_gather.py"
+    script.write_text(FSDP2_SCRIPT)
+    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), tiny_text_dir,
+                      generation.__file__.rsplit("/", 1)[0], env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert "rank 0 gathered 51" in proc.stdout and "rank 1 gathered 51" in proc.stdout
+
+
 # ----------------------------------------------------------------------------------------------------
 # vLLM backend (vLLM venv): one engine for the module
 # ----------------------------------------------------------------------------------------------------
@@ -237,8 +269,10 @@ def test_vllm_forced_exit(vllm_engine, hf_model):
 
 @pytest.mark.vllm
 def test_vllm_sync_weights(vllm_engine, hf_model):
-    """After optimizer steps on the HF model, vLLM samples from stale weights until `sync_weights`."""
-    prompts = make_prompts(vllm_engine)
+    """After optimizer steps on the HF model, vLLM samples from stale weights until `sync_weights`.
+    The long prompt spans several KV blocks (128 tokens on the CPU), so a prefix cache left over from the
+    old weights would show up in the gap."""
+    prompts = make_prompts(vllm_engine, QUESTIONS + ["Read the problem. " * 120 + "What is 37 + 48?"])
     trained = copy.deepcopy(hf_model).train()
     opt = torch.optim.AdamW(trained.parameters(), lr=1e-2)
     batch = torch.tensor([vllm_engine.tokenizer.encode("What is 37 + 48? <think> 85 </think>")])

@@ -137,7 +137,7 @@ def test_unparseable_gold_is_none_never_one(gold):
     ("<answer>E</answer>", None), ("<answer>E: nothing</answer>", None),  # no option E
     ("<think>C is tempting</think><answer>B</answer>", "B"),
     ("<think>surely C</think>", None), ("<think>cut while thinking about C", None),
-    ("</think>I pick the cell wall\nso my choice is the cell wall", None),  # an answer found, not a letter
+    ("</think>I pick the cell wall\nso my choice is the cell wall", "B"),  # no answer found: option text
     ("</think>Considering everything.\nThe cell wall", "B"),  # unique option text on the last line
     ("</think>Considering everything.\nribosome or nucleus", None),  # two option texts: no guess
 ])
@@ -217,10 +217,10 @@ def test_pool_kills_a_stuck_worker_and_recovers():
 
 
 def test_pool_restarts_in_a_forked_child():
-    R.accuracy_reward(["<answer>\\sqrt{4}</answer>"], ["2"])  # parent pool started
+    R.accuracy_reward(["<answer>\\{2,1\\}</answer>"], ["\\{1,2\\}"])  # parent pool started
     pid = os.fork()
     if pid == 0:  # child: its own pool, not the parent's workers
-        ok = R.accuracy_reward(["<answer>\\sqrt{9}</answer>"], ["3"]) == [1.0] and R._POOL.pid == os.getpid()
+        ok = R.accuracy_reward(["<answer>\\{3,1\\}</answer>"], ["\\{1,3\\}"]) == [1.0] and R._POOL.pid == os.getpid()
         os._exit(0 if ok else 1)
     assert os.waitpid(pid, 0)[1] == 0
 

@@ -225,9 +225,10 @@ def test_two_steps_then_resume(tiny_vl_dir, tmp_path):
 
 def test_two_steps_torchrun_two_processes(tiny_vl_dir, tmp_path):
     data, out = _mixed_data(tmp_path), str(tmp_path / "run")
-    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "rl.py",
+    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "rl.py",
                "--model_name_or_path", tiny_vl_dir, "--dataset", data, "--output_dir", out, "--max_steps", "2",
                *COMMON, "--mask_truncated_completions", "True", env=ENV)
+    assert "on 2 process(es)" in proc.stdout
     log = _read_log(out)
     assert [r["step"] for r in log] == [1, 2]
     for r in log:  # gathered over both ranks: 4 prompts x 3 completions; truncated ones masked
@@ -245,3 +246,61 @@ def test_overlong_prompts_are_filtered_and_counted(tiny_vl_dir, tmp_path):
            "--max_steps", "1", *COMMON, "--max_prompt_length", "30"]
     proc = subprocess.run(cmd, cwd=rl.os.path.dirname(rl.__file__), capture_output=True, text=True, env={**os.environ, **ENV})
     assert proc.returncode != 0 and "0 usable prompts (8 longer than --max_prompt_length 30)" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- learning
+def adder_data(path, k=5):
+    """Orz-math-shaped toy task: every "What is a + b?" with a, b < k."""
+    pairs = [[{"from": "human", "value": f"What is {a} + {b}?"}, {"from": "assistant", "ground_truth": {"value": str(a + b)}}]
+             for a in range(k) for b in range(k)]
+    with open(path, "w") as f:
+        json.dump(pairs, f)
+    return str(path)
+
+
+def sft_toy_adder(src, out, steps=150, lr=3e-3, k=5, seed=0):
+    """A brief plain-torch SFT of the tiny text model on the adder in the paper's answer format:
+    it learns the format and part of the sums (sampled accuracy ~0.3-0.4 after 150 steps)."""
+    import generation
+    import rewards
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    _, tok = generation.load_processor(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        ids, labels = [], []
+        for _ in range(16):
+            a, b = rng.randrange(k), rng.randrange(k)
+            p = tok(rl.build_prompt(tok, {"question": f"What is {a} + {b}?", "options": None, "images": []}),
+                    add_special_tokens=False)["input_ids"]
+            c = tok(rewards.format_response(f"{a} + {b} = {a + b}", str(a + b)) + "<|im_end|>",
+                    add_special_tokens=False)["input_ids"]
+            ids.append(p + c)
+            labels.append([-100] * len(p) + c)
+        L = max(map(len, ids))
+        x = torch.tensor([i + [tok.pad_token_id] * (L - len(i)) for i in ids])
+        y = torch.tensor([lab + [-100] * (L - len(lab)) for lab in labels])
+        attn = torch.tensor([[1] * len(i) + [0] * (L - len(i)) for i in ids])
+        model(input_ids=x, attention_mask=attn, labels=y).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_reward(tiny_text_dir, tmp_path):
+    """From a tiny model briefly fine-tuned on a toy adder, GRPO raises the mean reward clearly."""
+    sft = sft_toy_adder(tiny_text_dir, tmp_path / "sft")
+    data, out = adder_data(tmp_path / "add.json"), str(tmp_path / "rl")
+    run_script("rl.py", "--backend", "hf", "--model_name_or_path", sft, "--dataset", data, "--output_dir", out,
+               "--max_steps", "30", "--prompts_per_step", "8", "--num_generations", "8", "--max_response_length", "24",
+               "--learning_rate", "5e-4", "--beta", "0", "--warmup_ratio", "0", "--micro_batch_size", "32",
+               "--save_steps", "0", env=ENV)
+    reward = [r["reward_mean"] for r in _read_log(out)]
+    first, last = sum(reward[:8]) / 8, sum(reward[-8:]) / 8
+    assert last > first + 0.15, reward

@@ -248,6 +248,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_text_dir, sft_d
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_text_dir, sft_data, tmp_path):
     data = sft_data / "openthoughts.jsonl"
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# X-Reasoner in miniature, on the CPU: does reasoning learned from text alone carry over to images?
+#
+#   bash scripts/toy.sh            # ~20 min on 2 cores; writes runs/toy/{summary.json,report.md}
+#
+# 0. a toy "base VLM": a random ~2M-parameter Qwen2.5-VL learns to read drawn two-digit additions and to
+#    answer text and image questions directly (sft.py on chat rows with images; vision tower trained)
+# 1. SFT on text-only chains of thought (sft.py, OpenThoughts-shaped rows; vision tower frozen)
+# 2. GRPO on text-only problems with a verifiable reward (rl.py --backend hf, Orz-shaped rows)
+# 3. evaluation of base / SFT / SFT+RL on held-out problems as text and as images (evaluate.py),
+#    plus one rejection-sampling pass from the SFT model (distill.py)
+# A stage whose output exists is skipped, so an interrupted run continues where it stopped; delete
+# runs/toy (or set RUN_DIR) for a fresh run. Every size below can be overridden from the environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python}
+RUN=${RUN_DIR:-runs/toy}
+SEED=${SEED:-0}
+BASE_STEPS=${BASE_STEPS:-1200}   # stage 0: reading starts to work after ~600-900 steps
+SFT_STEPS=${SFT_STEPS:-300}      # stage 1: gentle (low lr, few steps) so that reading is not overwritten
+SFT_LR=${SFT_LR:-3e-4}
+RL_STEPS=${RL_STEPS:-30}         # stage 2
+RL_PROMPTS=${RL_PROMPTS:-8}      # prompts per GRPO step (x 8 generations)
+RL_LR=${RL_LR:-1e-4}
+N_TEST=${N_TEST:-200}            # held-out problems, each asked as text and as an image
+DISTILL_N=${DISTILL_N:-64}       # questions for the distillation pass
+export TOKENIZERS_PARALLELISM=false
+mkdir -p "$RUN"
+
+timed() {  # timed NAME OUTPUT CMD...: run CMD unless OUTPUT exists; record its seconds
+  local name=$1 output=$2; shift 2
+  if [ -e "$output" ]; then echo "== $name: $output exists, skipped"; return; fi
+  echo "== $name"
+  local start=$SECONDS
+  "$@"
+  printf '%s\t%s\n' "$name" $((SECONDS - start)) >> "$RUN/timings.tsv"
+}
+
+timed "data + random model" "$RUN/random/config.json" bash -c "
+  $PY scripts/make_toy_data.py --output_dir $RUN/data --seed $SEED --n_base 6000 --n_train 4000 --n_rl 2000 --n_test $N_TEST &&
+  $PY scripts/toy_model.py --output_dir $RUN/random --seed $SEED"
+
+# Stage 0: the base VLM (plays Qwen2.5-VL-Instruct). Images are read by the vision tower, so it trains here.
+timed "stage 0: base VLM (sft.py, text + image rows)" "$RUN/base/config.json" \
+  $PY sft.py --model_name_or_path "$RUN/random" --dataset "$RUN/data/sft/messages.jsonl" --output_dir "$RUN/base" \
+    --max_steps "$BASE_STEPS" --per_device_batch_size 32 --learning_rate 2e-3 --lr_schedule cosine \
+    --warmup_ratio 0.04 --freeze_vision False --gradient_checkpointing False --max_length 512 \
+    --save_steps 0 --seed "$SEED"
+
+# Stage 1: text-only CoT SFT, vision tower and projector frozen (the paper freezes the vision encoder).
+timed "stage 1: text-only CoT SFT (sft.py)" "$RUN/sft/config.json" \
+  $PY sft.py --model_name_or_path "$RUN/base" --dataset "$RUN/data/sft/openthoughts.jsonl" --output_dir "$RUN/sft" \
+    --max_steps "$SFT_STEPS" --per_device_batch_size 32 --learning_rate "$SFT_LR" --lr_schedule cosine \
+    --warmup_ratio 0.05 --freeze_vision True --freeze_projector True --gradient_checkpointing False \
+    --max_length 512 --save_steps 0 --seed "$SEED"
+
+# Stage 2: GRPO on text-only problems (paper: 8 generations, temperature 1, clip-higher, beta 1e-2).
+timed "stage 2: text-only GRPO (rl.py --backend hf)" "$RUN/rl/config.json" \
+  $PY rl.py --model_name_or_path "$RUN/sft" --dataset "$RUN/data/rl/orz_math.json" --output_dir "$RUN/rl" \
+    --backend hf --max_steps "$RL_STEPS" --prompts_per_step "$RL_PROMPTS" --num_generations 8 \
+    --max_response_length 128 --learning_rate "$RL_LR" --warmup_ratio 0.1 --micro_batch_size 32 \
+    --save_steps 0 --seed "$SEED"
+
+# Stage 3: greedy evaluation of each stage on held-out problems, as text and as images.
+for stage in base sft rl; do
+  timed "stage 3: evaluate $stage (evaluate.py)" "$RUN/eval/$stage/done" \
+    $PY evaluate.py --model_name_or_path "$RUN/$stage" --benchmarks toy_text,toy_image \
+      --data_dir "$RUN/data/eval" --output_dir "$RUN/eval/$stage" --backend hf --max_new_tokens 160 \
+      --think_budget 0 --num_samples 1 --temperature 0
+  touch "$RUN/eval/$stage/done"  # evaluate.py writes summary.json after each benchmark: mark the end
+done
+
+# Distillation: rejection sampling from the SFT model on training problems (keeps verified samples only).
+mkdir -p "$RUN/distill"
+timed "distill.py from the SFT model" "$RUN/distill/distill.jsonl.stats.json" \
+  $PY distill.py --teacher "$RUN/sft" --dataset "$RUN/data/rl/orz_math.json" --output "$RUN/distill/distill.jsonl" \
+    --backend hf --num_samples 4 --keep 1 --max_new_tokens 160 --temperature 1.0 --limit "$DISTILL_N" --seed "$SEED"
+
+echo "== report"
+$PY scripts/toy_report.py --run_dir "$RUN"

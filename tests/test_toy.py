@@ -1,0 +1,41 @@
+"""The toy pipeline (scripts/toy.sh) end to end, shrunk to a few minutes: every stage runs with the
+project's own scripts and the report is written. (Whether the full-size run learns is its report's job.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_toy_pipeline_end_to_end(tmp_path):
+    run = tmp_path / "toy"
+    env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(run), "BASE_STEPS": "40", "SFT_STEPS": "10",
+           "RL_STEPS": "3", "RL_PROMPTS": "4", "N_TEST": "16", "DISTILL_N": "4", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", "scripts/toy.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"toy.sh failed\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    assert "| model | text acc %" in proc.stdout  # the table is printed
+
+    summary = json.loads((run / "summary.json").read_text())
+    for stage in ("base", "sft", "rl"):
+        for bench in ("toy_text", "toy_image"):
+            s = summary["stages"][stage][bench]
+            assert s["items"] == 16 and 0 <= s["accuracy"] <= 1 and 0 <= s["restated"] <= 1
+        assert 0 <= summary["stages"][stage]["ocr"] <= 1
+    assert summary["rl"]["steps"] == 3
+    assert summary["distill"] is not None
+    assert set(summary["timings_s"]) >= {"stage 0: base VLM (sft.py, text + image rows)", "stage 1: text-only CoT SFT (sft.py)",
+                                         "stage 2: text-only GRPO (rl.py --backend hf)"}
+    report = (run / "report.md").read_text()
+    assert "reward_curve.png" in report and (run / "reward_curve.png").stat().st_size > 1000
+    # strictly text-only stages 1-2: their data has no image column
+    with open(run / "data/rl/orz_math.json") as f:
+        assert all("image" not in json.dumps(pair) for pair in json.load(f))
+
+    # a second call skips every finished stage and only rewrites the report
+    again = subprocess.run(["bash", "scripts/toy.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("skipped") >= 6
