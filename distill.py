@@ -206,7 +206,7 @@ def split_thinking(text: str) -> tuple[str | None, str]:
 
 def normalise_response(text: str, options: dict | None) -> str | None:
     """A teacher response in the paper's format `<think>\\n..\\n</think>\\n<answer>..</answer>`, or None
-    when it has no thinking or no extractable answer. The answer tag holds only the final answer (the
+    when it has no thinking, no extractable answer, or stray tags. The answer tag holds only the final answer (the
     teacher's post-thinking write-up is dropped); a chosen option becomes "C: option text", as in the
     paper's MCQ example."""
     thinking, solution = split_thinking(text)
@@ -218,7 +218,8 @@ def normalise_response(text: str, options: dict | None) -> str | None:
     letter = rewards.match_choice(answer, options) if options else None
     if letter is not None:  # "C", "(C)", "option C" or C's text -> "C: text"
         answer = f"{letter}: {options[letter]}"
-    return rewards.format_response(thinking, answer)
+    response = rewards.format_response(thinking, answer)
+    return response if rewards.format_reward([response]) == [1.0] else None  # e.g. tags inside the thinking
 
 
 # ---------------------------------------------------------------------------------------------------

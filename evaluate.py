@@ -24,7 +24,6 @@ import os
 import random
 import re
 import sys
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -72,9 +71,7 @@ class Config:
     compare: list[str] = field(default_factory=list)  # instead: tabulate and plot these run folders
 
 
-# ---------------------------------------------------------------------------------------------------
-# Images and options: the small pieces every converter shares
-# ---------------------------------------------------------------------------------------------------
+# ---- Images and options: the small pieces every converter shares ----------------------------------
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 HEALTH_SUBJECTS = {"Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine",
                    "Pharmacy", "Public_Health"}  # MMMU's "Health & Medicine" discipline (MMMU-Health)
@@ -125,9 +122,7 @@ def make_item(id, question, images, options, gold, kind, **extra) -> dict:
             "options": options, "gold": gold, "kind": kind, **extra}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Converters: one per data shape (fields as on each dataset's card)
-# ---------------------------------------------------------------------------------------------------
+# ---- Converters: one per data shape (fields as on each dataset's card) ----------------------------
 def convert_gsm8k(row, base):  # openai/gsm8k: question, answer "...#### 72"
     gold = str(row["answer"]).split("####")[-1].strip().replace(",", "")
     return make_item(row_id(row, "id"), row["question"], [], None, gold, "math")
@@ -206,8 +201,7 @@ def convert_medxpertqa(row, base):  # TsinghuaC3I/MedXpertQA: options already in
     question = re.split(r"\n?\s*Answer Choices:", str(row["question"]))[0].strip()
     images = [to_pil(name, base) for name in (row.get("images") or [])]
     options = {k: str(v) for k, v in row["options"].items() if v is not None}
-    return make_item(row_id(row, "id"), question, images, options, str(row["label"]).strip(),
-                     "mcq")
+    return make_item(row_id(row, "id"), question, images, options, str(row["label"]).strip(), "mcq")
 
 
 def convert_option_columns(row, base):  # OmniMedVQA / NEJM dumps: option_A.. columns
@@ -283,9 +277,7 @@ REGISTRY = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------
-# Loading: local file/folder (JSONL, JSON, Parquet, save_to_disk) or the hub
-# ---------------------------------------------------------------------------------------------------
+# ---- Loading: local file/folder (JSONL, JSON, Parquet, save_to_disk) or the hub -------------------
 def read_local(path: str, split: str) -> list[dict]:
     if os.path.isdir(path):
         import datasets
@@ -346,9 +338,7 @@ def load_items(name: str, cfg: Config) -> list[dict]:
     return items
 
 
-# ---------------------------------------------------------------------------------------------------
-# Prompts: rewards.py's prompt, images placed where their `<image k>` placeholders are
-# ---------------------------------------------------------------------------------------------------
+# ---- Prompts: rewards.py's prompt, images placed where their `<image k>` placeholders are ---------
 def fit_pixels(image, max_pixels: int):
     """Downscale an image to at most max_pixels pixels, keeping its aspect ratio."""
     w, h = image.size
@@ -388,9 +378,7 @@ def build_prompt(item: dict, processor, with_images: bool = True, max_pixels: in
     return {"prompt": chat_prompt(processor, [{"role": "user", "content": content}]), "images": used}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Metrics: pure functions over the per-item records
-# ---------------------------------------------------------------------------------------------------
+# ---- Metrics: pure functions over the per-item records --------------------------------------------
 def majority_correct(votes: list, correct: list) -> float:
     """maj@k: the most common answer (rewards.majority_vote: equal numbers grouped, no-answers ignored,
     ties to the first seen) is right if the sample that first gave it is right."""
@@ -434,9 +422,7 @@ def score(texts: list[str], golds: list, options: list) -> list:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# Resume: an append-only JSONL; a line torn by a kill is cut off before appending again
-# ---------------------------------------------------------------------------------------------------
+# ---- Resume: an append-only JSONL; a line torn by a kill is cut off before appending again --------
 def read_records(path: str) -> dict:
     if not os.path.exists(path):
         return {}
@@ -500,27 +486,27 @@ def score_chunk(items: list, prompts: list, outs: list, blind_outs: dict, k: int
     return records
 
 
-def write_reports(summary: dict, out_dir: str, num_samples: int):
-    tmp = os.path.join(out_dir, "summary.json.tmp")
-    with open(tmp, "w") as f:
+def markdown_table(header: list, rows: list) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
+                     ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
+
+
+def write_reports(summary: dict, out_dir: str, k: int) -> str:
+    """summary.json (written atomically) and results.md: one row per benchmark, percentages."""
+    with open(os.path.join(out_dir, "summary.json.tmp"), "w") as f:
         json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "summary.json"))
+    os.replace(os.path.join(out_dir, "summary.json.tmp"), os.path.join(out_dir, "summary.json"))
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
-    k = num_samples
-    cols = ["benchmark", "items", "accuracy"] + ([f"avg@{k}", f"maj@{k}", f"pass@{k}"] if k > 1 else []) + \
-           ["parse fail %", "mean tokens", "truncated %", "forced exit %", "text-solvable removed"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for name, s in summary["benchmarks"].items():
-        row = [name, str(s["items"]), pct(s["accuracy"])] + \
-              ([pct(s[f"avg@{k}"]), pct(s[f"maj@{k}"]), pct(s[f"pass@{k}"])] if k > 1 else []) + \
-              [pct(s["parse_failure_rate"]), "-" if s["mean_tokens"] is None else f"{s['mean_tokens']:.0f}",
-               pct(s["truncation_rate"]), pct(s["forced_exit_rate"]),
-               (f"{pct(s['text_solvable_removed_accuracy'])} ({s['text_solvable_removed_items']} items)"
-                if "text_solvable_removed_accuracy" in s else "-")]
-        lines.append("| " + " | ".join(row) + " |")
-    table = "\n".join(lines) + "\n"
+    at_k = [f"avg@{k}", f"maj@{k}", f"pass@{k}"] if k > 1 else []
+    rows = [[name, s["items"], pct(s["accuracy"])] + [pct(s.get(m)) for m in at_k] +
+            [pct(s["parse_failure_rate"]), "-" if s["mean_tokens"] is None else f"{s['mean_tokens']:.0f}",
+             pct(s["truncation_rate"]), pct(s["forced_exit_rate"]),
+             f"{pct(s['text_solvable_removed_accuracy'])} ({s['text_solvable_removed_items']} items)"
+             if "text_solvable_removed_accuracy" in s else "-"] for name, s in summary["benchmarks"].items()]
+    table = markdown_table(["benchmark", "items", "accuracy"] + at_k + ["parse fail %", "mean tokens", "truncated %",
+                                                                       "forced exit %", "text-solvable removed"], rows)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(f"# {summary['config']['model_name_or_path']}\n\n{table}")
+        f.write(f"# {summary['config']['model_name_or_path'] or summary['config']['backend']}\n\n{table}")
     return table
 
 
@@ -533,12 +519,9 @@ def compare_runs(run_dirs: list[str], out_dir: str) -> str:
         with open(os.path.join(d, "summary.json")) as f:
             runs[name] = json.load(f)["benchmarks"]
     benches = list(dict.fromkeys(b for r in runs.values() for b in r))
-    acc = {n: [None if r.get(b) is None or r[b]["accuracy"] is None else 100 * r[b]["accuracy"] for b in benches]
-           for n, r in runs.items()}
-    lines = ["| benchmark | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
-    for i, b in enumerate(benches):
-        lines.append(f"| {b} | " + " | ".join("-" if acc[n][i] is None else f"{acc[n][i]:.1f}" for n in runs) + " |")
-    table = "\n".join(lines) + "\n"
+    acc = {n: [(r.get(b) or {}).get("accuracy") for b in benches] for n, r in runs.items()}
+    table = markdown_table(["benchmark"] + names, [[b] + ["-" if acc[n][i] is None else f"{100 * acc[n][i]:.1f}"
+                                                         for n in names] for i, b in enumerate(benches)])
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(table)
@@ -549,13 +532,14 @@ def compare_runs(run_dirs: list[str], out_dir: str) -> str:
     except ImportError:
         print("matplotlib is not installed: no compare.png", file=sys.stderr)
         return table
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(benches) * max(1, len(runs)) / 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(benches) * len(runs)), 4))
     width = 0.8 / len(runs)
-    for j, n in enumerate(runs):
-        ax.bar([i + j * width for i in range(len(benches))], [v or 0 for v in acc[n]], width, label=n)
+    for j, n in enumerate(names):
+        ax.bar([i + j * width for i in range(len(benches))], [100 * (v or 0) for v in acc[n]], width, label=n)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(benches))], benches, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
-    ax.legend()
+    ax.set_ylim(0, 100)
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # outside the bars
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "compare.png"), dpi=120)
     plt.close(fig)

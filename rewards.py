@@ -28,6 +28,7 @@ or an explosive power (9^{9^9}, x^{10000000}) is scored 0 without calling sympy 
 
 import ast
 import atexit
+import functools
 import math
 import os
 import re
@@ -490,27 +491,25 @@ def _compare_numeric(gold: str, pred: str):
     if gt or pt:
         gvals = [_evaluate(x) for x in gt[1]] if gt else [_evaluate(gold)]
         pvals = [_evaluate(x) for x in pt[1]] if pt else [_evaluate(pred)]
-        if any(v is None or v[0] for v in gvals + pvals):  # not all constants
+        if any(v is None for v in gvals + pvals):
             return None
         if bool(gt) != bool(pt):
-            return 0.0  # a tuple is never a number
-        if gt[0] != pt[0] or len(gvals) != len(pvals):
-            return None  # (1,2] vs [1,2], or sizes differ: Math-Verify's call
-        gv, pv = [v[1][0] for v in gvals], [v[1][0] for v in pvals]
-        same = [_scalars_equal(a, b) for a, b in zip(gv, pv)]
-        if all(s == 1.0 for s in same):
-            return 1.0
-        sorted_same = [_scalars_equal(a, b) for a, b in zip(sorted(gv), sorted(pv))]
-        return 0.0 if 0.0 in sorted_same else None  # no order (tuple or set) can match
+            return 0.0  # a tuple is never a single number or expression
+        if any(v[0] for v in gvals + pvals) or gt[0] != pt[0] or len(gvals) != len(pvals):
+            return None  # variables, (1,2] vs [1,2], or sizes differ: Math-Verify's call
+        # (a,b) and [a,b] are ordered for Math-Verify (pairs and intervals; sets are \{..\})
+        same = [_scalars_equal(a[1][0], b[1][0]) for a, b in zip(gvals, pvals)]
+        return 1.0 if all(s == 1.0 for s in same) else 0.0 if 0.0 in same else None
     gv = _evaluate(gold)
     pv = _evaluate(pred) if gv is not None else None
     if pv is None:
         return None
     if not gv[0] and not pv[0]:
         return _scalars_equal(gv[1][0], pv[1][0])
-    if not gv[0] and set(pv[0]) <= _UNITLESS_VARS and "\\text" not in pred and "\\mathrm" not in pred:
-        varies = max(pv[1]) - min(pv[1]) > 1e-6 * max(1.0, abs(pv[1][0]))
-        return 0.0 if varies else None  # an expression in x is not a number
+    for a, b, s in ((gv, pv, pred), (pv, gv, gold)):  # an expression in x is not a number
+        if not a[0] and b[0] and set(b[0]) <= _UNITLESS_VARS and "\\text" not in s and "\\mathrm" not in s:
+            varies = max(b[1]) - min(b[1]) > 1e-6 * max(1.0, abs(b[1][0]))
+            return 0.0 if varies else None
     if gv[0] == pv[0]:  # same variables: compare values at the same points
         err = max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(gv[1], pv[1]))
         return 1.0 if err <= 1e-9 else 0.0 if err > 1e-4 else None
@@ -594,6 +593,7 @@ def _fast_math(gold: str, pred: str | None):
     return "slow" if r is None else r
 
 
+@functools.lru_cache(maxsize=20_000)  # golds repeat across a prompt's rollouts
 def _mv_parse(s: str):
     from math_verify import parse
     wrapped = s if ("$" in s or "\\boxed" in s or "\\(" in s or "\\[" in s) else f"${s}$"
@@ -641,11 +641,9 @@ class VerifyPool:
 
     def __init__(self, workers: int | None = None, timeout: float = TIMEOUT_S):
         import multiprocessing as mp
-        import math_verify  # noqa: F401  (imported before forking so workers start warm)
-        try:
-            import sympy  # noqa: F401
-        except ImportError:
-            pass
+        for gold, pred in (("1", "2"), ("\\frac{1}{2}", "0.5"), ("\\{1,2\\}", "\\{2,1\\}"), ("y=2x+1", "y=1+2x"),
+                           ("(1,2]", "[1,2]"), ("x^2+\\sqrt{2}", "\\pi")):
+            _verify_item(gold, pred)  # warm Math-Verify's lazy set-up here, once, before forking workers
         if workers is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             workers = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

@@ -6,7 +6,8 @@ Math-Verify calls (parse gold, parse completion, verify) on the same items.
 
 The items look like RL rollouts: a <think> block of a few hundred words, then <answer>...</answer>
 (sometimes \\boxed{} or "Answer: X", sometimes nothing); golds repeat across a prompt's rollouts; about
-half the answers are right. Mix: integers, fractions/decimals, LaTeX expressions, multiple choice.
+half the answers are right. Mix: integers, fractions/decimals, sets/equations/intervals (these need
+sympy), other LaTeX expressions, multiple choice.
 """
 
 import argparse
@@ -43,7 +44,7 @@ def make_items(n, rollouts, seed):
     comps, golds, opts = [], [], []
     while len(comps) < n:
         kind = rng.random()
-        if kind < 0.55:  # integer answers (GSM8K / most of Orz-math)
+        if kind < 0.5:  # integer answers (GSM8K / most of Orz-math)
             g = str(rng.randint(0, 5000))
             right = [g, f"{int(g):,}", f"{g}.0", f"x = {g}"]
             wrong = [str(int(g) + rng.randint(1, 50)), str(-int(g) - 1)]
@@ -54,7 +55,14 @@ def make_items(n, rollouts, seed):
             right = [g, f"{a}/{b}", f"\\dfrac{{{a}}}{{{b}}}", f"{a / b:.8f}"]
             wrong = [f"\\frac{{{a + 1}}}{{{b}}}", f"{b}/{a}" if a != b else "0"]
             opt = None
-        elif kind < 0.85:  # LaTeX expressions: these need sympy
+        elif kind < 0.75:  # sets, equations, intervals: these need sympy (Math-Verify in the workers)
+            k = rng.randint(2, 30)
+            g = rng.choice([f"\\{{{k},{k + 1},{k + 2}\\}}", f"y={k}x+1", f"[{k},{k + 1})"])
+            right = {f"\\{{{k},{k + 1},{k + 2}\\}}": [f"\\{{{k + 2},{k},{k + 1}\\}}"], f"y={k}x+1": [f"y=1+{k}x"],
+                     f"[{k},{k + 1})": [f"[{k}, {k + 1})"]}[g]
+            wrong = [f"\\{{{k},{k + 1}\\}}", f"y={k + 1}x+1", f"({k},{k + 1}]"]
+            opt = None
+        elif kind < 0.85:  # LaTeX expressions (decided without sympy when they evaluate to numbers)
             k = rng.randint(2, 30)
             g = rng.choice([f"{k}\\sqrt{{2}}", f"{k}\\pi", f"x^2+{k}x", f"\\sqrt{{{k * k * 3}}}", f"({k},{k + 1})"])
             right = {f"{k}\\sqrt{{2}}": [f"\\sqrt{{{2 * k * k}}}", f"{k}\\sqrt2"], f"{k}\\pi": [f"\\pi {k}", f"{k}\\pi"],
@@ -112,6 +120,14 @@ def main():
     rewards.accuracy_reward(comps[:1024], golds[:1024], opts[:1024])
     dt = time.perf_counter() - t
     print(f"  one RL step (1024 items): {dt * 1000:7.0f} ms")
+
+    hard = [i for i, (g, o) in enumerate(zip(golds, opts)) if o is None and ("\\{" in g or "=" in g or g.startswith("["))]
+    rewards._CACHE.clear()
+    t = time.perf_counter()
+    rewards.accuracy_reward([comps[i] for i in hard], [golds[i] for i in hard])
+    dt = time.perf_counter() - t
+    print(f"  the {len(hard)} items that need sympy alone: {len(hard) / dt:6.0f} items/s "
+          f"({rewards.get_pool().n} worker processes)")
 
     nb = args.baseline_n or args.n
     t = time.perf_counter()

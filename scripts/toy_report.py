@@ -103,6 +103,17 @@ def reward_curve(rl_dir, png):
             "response_length_last": log[-1]["response_length_mean"]}
 
 
+def reading_verdict(before, after) -> str:
+    """Forgetting (the skill is gone) vs non-transfer (the skill is there but unused while reasoning)."""
+    if before["ocr"] < 0.2:
+        return " (the base model never learned to read reliably: the image test says little)."
+    if after["ocr"] < 0.5 * before["ocr"]:
+        return " (reading was largely forgotten: text-only updates overwrote it)."
+    if after["toy_image"]["restated"] < 0.5:
+        return " (reading survived, but the model does not use it inside its reasoning)."
+    return " (reading survived and is used inside the reasoning)."
+
+
 def pct(x):
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -158,10 +169,7 @@ def main():
                            "text-only training did not raise image accuracy in this run.")
                         + f" OCR went {pct(b['ocr'])}% -> {pct(s['ocr'])}% and correct restating of the image "
                           f"{pct(b['toy_image']['restated'])}% -> {pct(s['toy_image']['restated'])}%"
-                        + (" (reading was forgotten)." if s["ocr"] < 0.5 * max(b["ocr"], 1e-9) else
-                           " (reading survived; " + ("it is used inside the reasoning)." if s["toy_image"]["restated"] > 0.5
-                                                     else "but it is not used inside the reasoning)."))
-                        )
+                        + reading_verdict(b, s))
     if rl:
         findings.append(f"- GRPO raised the mean training reward from {rl['reward_first']:.3f} (first {rl['k']} steps) "
                         f"to {rl['reward_last']:.3f} (last {rl['k']} steps) over {rl['steps']} steps "

@@ -58,7 +58,7 @@ def toy_targets() -> list[tuple[str, str]]:
     return rows
 
 
-def finetune_teacher(model_dir: str, out_dir: str, steps: int = 40, lr: float = 1e-3) -> str:
+def finetune_teacher(model_dir: str, out_dir: str, steps: int = 30, lr: float = 1e-3) -> str:
     """A few dozen plain AdamW steps on the toy rows (loss on the response), so most samples verify."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,8 +82,9 @@ def finetune_teacher(model_dir: str, out_dir: str, steps: int = 40, lr: float = 
     mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs])
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
-    for _ in range(steps):
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    for step in range(steps):
+        b = slice(step % 2, None, 2)  # half the rows per step (every other one): cheaper, learns as fast
+        loss = model(input_ids=input_ids[b], attention_mask=mask[b], labels=labels[b]).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -106,7 +107,7 @@ def toy_questions(tmp_path_factory):
 
 def distill_args(teacher, dataset, output, *extra):
     return ["distill.py", "--backend", "hf", "--teacher", teacher, "--dataset", dataset, "--output", output,
-            "--num_samples", "4", "--keep", "2", "--max_new_tokens", "32", "--temperature", "1.0",
+            "--num_samples", "4", "--keep", "2", "--max_new_tokens", "32", "--temperature", "0.6",
             "--questions_per_call", "1", *extra]
 
 
@@ -143,6 +144,7 @@ def test_normalise_response_markers():
     assert distill.normalise_response("<think>2 + 2 = 4</think> \\boxed{B}", opts) == \
         rewards.format_response("2 + 2 = 4", "B: 4")
     assert distill.normalise_response("<answer>4</answer>", None) is None  # no thinking
+    assert distill.normalise_response("<think><think>4</think><answer>4</answer>", None) is None  # stray tag
     assert distill.normalise_response("<think>hmm</think>\nNot sure.\nMany things.", None) is None  # no answer
 
 
@@ -172,60 +174,75 @@ def test_resume_repairs_torn_and_unfinished(tmp_path):
 
 # ---- end to end with the hf backend -----------------------------------------------------------------
 def check_output(output, teacher, n_questions, mcq=False):
+    """Rows verify, load in sft.py, have their metadata once each; the stats add up."""
+    import sft
+
     rows = read_jsonl(output)
     stats = json.load(open(output + ".stats.json"))
     done = read_jsonl(output + ".done")
-    # every row verifies, is in the paper's format and has its metadata
-    for r in rows:
+    sft_rows, base = sft.load_rows(output)
+    assert len(sft_rows) == len(rows)
+    for r, sft_row in zip(rows, sft_rows):
+        response = r["messages"][1]["content"]
         options = mcq_options(*MCQ[int(r["question_id"])])[0] if mcq else None
-        assert rewards.accuracy_reward([r["messages"][1]["content"]], [r["gold"]], options=[options]) == [1.0]
-        assert rewards.format_reward([r["messages"][1]["content"]]) == [1.0]
-        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+        assert rewards.accuracy_reward([response], [r["gold"]], options=[options]) == [1.0]
+        assert rewards.format_reward([response]) == [1.0]  # normalised to the paper's format
+        assert sft.row_to_conversation(sft_row, base, False) == (r["messages"], [])
         assert r["teacher"] == teacher and 0 < r["pass_rate"] <= 1 and r["completion_tokens"] > 0
-    # each kept row once, at most --keep per question
     keys = [(r["question_id"], r["sample"]) for r in rows]
     assert len(keys) == len(set(keys))
-    # the stats add up
     assert stats["questions_done"] == len(done) == n_questions
     assert sum(stats["pass_rate_histogram"].values()) == stats["questions_scored"] == n_questions
     assert stats["samples"] == 4 * n_questions
-    assert stats["rows_kept"] == len(rows) == sum(d["kept"] for d in done)
     assert stats["samples_correct"] == sum(int(k.split("/")[0]) * v for k, v in stats["pass_rate_histogram"].items())
-    assert stats["kept_tokens"]["count"] == len(rows)
-    for d in done:
-        assert d["kept"] == min(2, d["num_correct"])
+    assert stats["rows_kept"] == len(rows) == sum(d["kept"] for d in done) == stats["kept_tokens"]["count"]
+    assert all(d["kept"] == min(2, d["num_correct"]) for d in done)  # --keep 2
+    for d in done:  # pass rate on every row = verified samples / samples of its question
+        assert all(r["pass_rate"] == d["num_correct"] / 4 for r in rows if r["question_id"] == d["question_id"])
     return rows, stats
 
 
-def test_distill_hf_end_to_end(teacher_dir, toy_questions, tmp_path):
+@pytest.fixture(scope="module")
+def math_run(teacher_dir, toy_questions, tmp_path_factory):
+    """An uninterrupted run on the Orz-shaped questions (also the reference for the kill test)."""
+    out = str(tmp_path_factory.mktemp("math-run") / "math.jsonl")
+    run_script(*distill_args(teacher_dir, toy_questions[0], out))
+    return out
+
+
+def test_distill_hf_end_to_end(teacher_dir, toy_questions, math_run, tmp_path):
     orz, medqa = toy_questions
-    out_math, out_mcq = str(tmp_path / "math.jsonl"), str(tmp_path / "mcq.jsonl")
-    run_script(*distill_args(teacher_dir, orz, out_math, "--questions_per_call", "4"))
-    rows, stats = check_output(out_math, teacher_dir, len(MATH))
+    rows, stats = check_output(math_run, teacher_dir, len(MATH))
     assert stats["duplicates_dropped"] == 1 and stats["questions_in_dataset"] == len(MATH) + 1
     assert stats["pass_rate"] > 0 and stats["rows_kept"] > 0
-    run_script(*distill_args(teacher_dir, medqa, out_mcq, "--limit", "3", "--decontaminate", orz))
+    # MedQA shape, several questions per generate() call, decontaminated against unrelated questions
+    out_mcq = str(tmp_path / "mcq.jsonl")
+    run_script(*distill_args(teacher_dir, medqa, out_mcq, "--limit", "3", "--questions_per_call", "4",
+                             "--decontaminate", orz, "--ngram", "4"))
     rows, stats = check_output(out_mcq, teacher_dir, 3, mcq=True)
     assert stats["contaminated_dropped"] == 0 and stats["pass_rate"] > 0
-    assert all(r["messages"][0]["content"] == rewards.mcq_prompt(
-        f"What is {a} + {b}?", mcq_options(a, b)[0]) for r in rows for a, b in [MCQ[int(r["question_id"])]])
-    # decontaminating against the math questions drops them all (they are the same questions)
-    run_script(*distill_args(teacher_dir, orz, str(tmp_path / "c.jsonl"), "--decontaminate", orz))
-    stats = json.load(open(str(tmp_path / "c.jsonl.stats.json")))
+    for r in rows:
+        options = mcq_options(*MCQ[int(r["question_id"])])[0]
+        assert r["messages"][0]["content"] == rewards.mcq_prompt(f"What is {MCQ[int(r['question_id'])][0]} + "
+                                                                 f"{MCQ[int(r['question_id'])][1]}?", options)
+        assert r["messages"][1]["content"].endswith(f"<answer>{r['gold']}: {options[r['gold']]}</answer>")
+    # decontaminating against the same questions drops them all (then no teacher is even loaded)
+    out = str(tmp_path / "c.jsonl")
+    stats = distill.main(distill.DistillConfig(teacher="unused", dataset=orz, output=out, backend="hf",
+                                               decontaminate=[orz]))
     assert stats["contaminated_dropped"] == len(MATH) and stats["rows_kept"] == 0
+    assert json.load(open(out + ".stats.json"))["questions_selected"] == 0
 
 
-def test_distill_resumes_after_sigkill(teacher_dir, toy_questions, tmp_path):
-    orz, _ = toy_questions
-    full, killed = str(tmp_path / "full.jsonl"), str(tmp_path / "killed.jsonl")
-    run_script(*distill_args(teacher_dir, orz, full))
+def test_distill_resumes_after_sigkill(teacher_dir, toy_questions, math_run, tmp_path):
+    orz, killed = toy_questions[0], str(tmp_path / "killed.jsonl")
     proc = subprocess.Popen([sys.executable, *distill_args(teacher_dir, orz, killed)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # kill once a few questions are done
         if os.path.exists(killed + ".done") and len(open(killed + ".done").readlines()) >= 2:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     n_done = len(read_jsonl(killed + ".done"))
@@ -233,7 +250,7 @@ def test_distill_resumes_after_sigkill(teacher_dir, toy_questions, tmp_path):
     with open(killed, "a") as f:  # as if the kill had also cut a row in half
         f.write('{"messages": [{"role": "user", "con')
     run_script(*distill_args(teacher_dir, orz, killed))
-    rows_full, rows_resumed = read_jsonl(full), read_jsonl(killed)
+    rows_full, rows_resumed = read_jsonl(math_run), read_jsonl(killed)
     key = lambda r: (r["question_id"], r["sample"])  # noqa: E731
-    assert sorted(rows_resumed, key=key) == sorted(rows_full, key=key)
+    assert sorted(rows_resumed, key=key) == sorted(rows_full, key=key)  # each row once, none lost
     check_output(killed, teacher_dir, len(MATH))

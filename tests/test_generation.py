@@ -132,8 +132,11 @@ def test_trim_stops_at_eos_or_stop_string(hf_engine):
     assert generation._trim(think + [7], eos, tok, None) == (len(think) + 1, False)
 
 
-def test_hf_vlm_image_prompt_forced_exit(tiny_vl_dir):
+def test_hf_vlm_image_prompt_forced_exit(request):
+    pytest.importorskip("torchvision", reason="Qwen2.5-VL processors need torchvision (not in the vLLM venv)")
     from PIL import Image, ImageDraw
+
+    tiny_vl_dir = request.getfixturevalue("tiny_vl_dir")
 
     engine = load_engine(tiny_vl_dir, backend="hf")
     assert engine.is_vlm
