@@ -152,6 +152,7 @@ def generate(engine: Engine, prompts: list[dict], *, n: int = 1, temperature: fl
 
     temperature 0 means greedy. think_budget: forced exit after this many tokens of thinking (None: off).
     seed: same seed, same samples (vLLM: prompt i, sample j uses seed + i * n + j; hf: torch.manual_seed).
+    Under torchrun give each data-parallel rank its own seed. None: the engine's running generator.
     batch_size: rows per `generate` call (hf only; vLLM schedules its own batches).
     Returns outs[i][j], the j-th completion of prompt i.
     """
@@ -306,15 +307,16 @@ def _sample_hf(engine: Engine, jobs: list[dict], *, n, temperature, top_p, retur
             kwargs.update(stop_strings=stop, tokenizer=tok)
         out = model.generate(**inputs, **kwargs)
         new = out.sequences[:, inputs["input_ids"].shape[1]:]  # [batch, new_tokens]
+        if return_logprobs:
+            # out.scores[t] are the processed logits of step t (temperature / top-p applied): what was
+            # sampled from. One log_softmax per step over the batch.
+            step_lps = torch.stack([torch.log_softmax(scores.float(), -1).gather(-1, new[:, t, None])[:, 0]
+                                    for t, scores in enumerate(out.scores)], 1).tolist()  # [batch, new_tokens]
         for b, (k, job) in enumerate(chunk):
             ids = new[b, :job["max_tokens"]].tolist()  # rows share one call; each keeps its own cap
             end, finished = _trim(ids, eos, tok, stop)
-            ids = ids[:end]
-            lps = None
-            if return_logprobs:
-                # out.scores are the processed logits (temperature / top-p applied): what was sampled from.
-                lps = [torch.log_softmax(out.scores[t][b].float(), -1)[i].item() for t, i in enumerate(ids)]
-            rows[k].append((ids, lps, finished))
+            lps = step_lps[b][:end] if return_logprobs else None
+            rows[k].append((ids[:end], lps, finished))
     return rows
 
 

@@ -22,7 +22,8 @@ Scoring (`accuracy_reward`), per item:
 Model output is untrusted: nothing here evaluates it as code (no eval, no sympy.sympify/parse_expr;
 Math-Verify parses LaTeX with its own grammar). Choices worth knowing: `28\\%` <- `0.28` is accepted
 (Math-Verify reads `%` as /100); `\\frac13` <- `0.3333333` is accepted, `0.333` is not (Math-Verify
-rounds to 6 decimals); a predicted answer longer than MAX_ANSWER_CHARS, nested deeper than MAX_DEPTH,
+rounds to 6 decimals); easy cases are decided by exact value, so a few that Math-Verify misses pass
+(`x` <- `1*x`); a predicted answer longer than MAX_ANSWER_CHARS, nested deeper than MAX_DEPTH,
 or an explosive power (9^{9^9}, x^{10000000}) is scored 0 without calling sympy (unless it equals the gold as a string).
 """
 
@@ -215,10 +216,9 @@ def extract_answer(text) -> str | None:
         tail = text.rfind(ANSWER_START)  # an <answer> cut by the length cap
         inner = text[tail + len(ANSWER_START):] if tail >= 0 else None
     if inner is not None:
-        if "\\boxed" in inner or "\\fbox" in inner or "\n" in inner.strip():
-            found = _from_region(inner)
-            if found is not None:
-                inner = found
+        found = _from_region(inner)  # "<answer>Answer: 5</answer>", a written solution ending in \boxed{}
+        if found is not None:
+            inner = found
         out = _clean(inner)
         return out or None
     found = _from_region(text)
@@ -308,22 +308,23 @@ def _canon(s: str) -> str:
 
 
 def _number(s: str):
-    """A plain number, fraction, or `x = number` as a Fraction (and whether it was an integer), or None."""
+    """A plain number, fraction, or `x = number`: (Fraction, is it an integer, "x" or ""), or None."""
     s = _canon(s)
-    s = re.sub(r"^[a-zA-Z]=", "", s)
+    var = s[0] if re.match(r"[a-zA-Z]=", s) else ""
+    s = s[2:] if var else s
     if re.fullmatch(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
         s = s.replace(",", "")
     if len(s) > 60:
         return None
     if _NUM.fullmatch(s):
-        return Fraction(s), "." not in s
+        return Fraction(s), "." not in s, var
     m = _FRAC.fullmatch(s)
     if m:
         num, den = (m.group(2), m.group(3)) if m.group(2) is not None else (m.group(4), m.group(5))
-        return (Fraction(int(num), int(den)) * (-1 if m.group(1) == "-" else 1), False) if int(den) else None
+        return (Fraction(int(num), int(den)) * (-1 if m.group(1) == "-" else 1), False, var) if int(den) else None
     m = _SLASH.fullmatch(s)
     if m and int(m.group(2)):
-        return Fraction(int(m.group(1)), int(m.group(2))), False
+        return Fraction(int(m.group(1)), int(m.group(2))), False, var
     return None
 
 
@@ -568,7 +569,11 @@ def _fast_math(gold: str, pred: str | None):
     if not gold:
         return None
     if _is_word(gold):
-        return float(pred is not None and _norm_text(pred) == _norm_text(gold))
+        if pred is not None and _norm_text(pred) == _norm_text(gold):
+            return 1.0
+        if len(gold) > 3 or " " in gold or gold.lower() in ("no", "yes"):
+            return 0.0
+        # "xy", "ab": too short to be sure it is a word and not a product of variables: ask Math-Verify
     g = _number(gold)
     if pred is None:
         tp = _tuple_parts(gold) if _simple(gold) else None
@@ -578,6 +583,8 @@ def _fast_math(gold: str, pred: str | None):
     if _simple(gold) and _canon(gold) == _canon(pred):
         return 1.0
     p = _number(pred)
+    if g is not None and p is not None and g[2] and p[2] and g[2] != p[2]:
+        return "slow"  # x=5 vs y=5
     if g is not None and p is not None:
         if g[0] == p[0]:
             return 1.0
@@ -641,6 +648,11 @@ class VerifyPool:
 
     def __init__(self, workers: int | None = None, timeout: float = TIMEOUT_S):
         import multiprocessing as mp
+
+        import math_verify.grader
+        import math_verify.parser
+        # Its "timeout is disabled" warning: we disabled it on purpose and enforce our own (below).
+        math_verify.grader.TIMEOUT_WARNING_SHOWN = math_verify.parser.TIMEOUT_WARNING_SHOWN = True
         for gold, pred in (("1", "2"), ("\\frac{1}{2}", "0.5"), ("\\{1,2\\}", "\\{2,1\\}"), ("y=2x+1", "y=1+2x"),
                            ("(1,2]", "[1,2]"), ("x^2+\\sqrt{2}", "\\pi")):
             _verify_item(gold, pred)  # warm Math-Verify's lazy set-up here, once, before forking workers

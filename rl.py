@@ -30,7 +30,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
@@ -44,57 +44,55 @@ import rewards
 
 @dataclass
 class Config:
-    model_name_or_path: str  # policy to start from (paper: the SFT model from sft.py on Qwen2.5-VL-7B-Instruct)
-    dataset: str  # JSON / JSONL / Parquet file, a save_to_disk folder or a hub id (paper: Orz-math-57k)
-    output_dir: str  # checkpoints, log.jsonl, completions.jsonl and the final model
-    dataset_split: str = "train"  # split, for hub ids and save_to_disk folders
-    max_prompt_length: int = 1024  # longer prompts are dropped (never truncated) and counted (paper: not stated)
+    model_name_or_path: str = field(metadata={"help": "policy to start from (paper: the SFT model from sft.py on Qwen2.5-VL-7B-Instruct)"})
+    dataset: str = field(metadata={"help": "JSON / JSONL / Parquet file, a save_to_disk folder or a hub id (paper: Orz-math-57k)"})
+    output_dir: str = field(metadata={"help": "checkpoints, log.jsonl, completions.jsonl and the final model"})
+    dataset_split: str = field(default="train", metadata={"help": "split, for hub ids and save_to_disk folders"})
+    max_prompt_length: int = field(default=1024, metadata={"help": "longer prompts are dropped (never truncated) and counted (paper: not stated)"})
     # generation
-    backend: str = "vllm"  # "vllm" (colocated engine, GPUs) or "hf" (transformers generate: CPU, tests)
-    num_generations: int = 8  # completions per prompt, the GRPO group (paper: 8)
-    temperature: float = 1.0  # sampling temperature; the trainer's log-probs use it too (paper: 1.0)
-    top_p: float = 1.0  # nucleus sampling (paper: 1.0)
-    max_response_length: int = 4096  # cap on completion tokens (paper: 4096)
-    think_budget: Optional[int] = None  # forced exit during RL: close </think> after this many tokens (paper: off)
-    mask_truncated_completions: bool = False  # DAPO overlong filtering: truncated completions get no loss.
-    # Off: the paper reports RL cutting truncated responses, which needs them scored 0 and trained on.
-    dynamic_sampling: bool = False  # DAPO: replace groups with equal rewards by fresh ones (paper: off)
-    dynamic_sampling_max_rounds: int = 3  # refill rounds per step; still-missing groups keep zero advantage
-    tis_cap: float = 2.0  # truncated importance sampling: weight each token by min(pi_train/pi_sampler, cap),
-    # correcting the numeric gap between vLLM's and the trainer's log-probs (after the paper; 0 = off)
-    generation_batch_size: int = 64  # sequences per hf `generate` call (hf backend only)
+    backend: str = field(default="vllm", metadata={"help": "'vllm' (colocated engine, GPUs) or 'hf' (transformers generate: CPU, tests)"})
+    num_generations: int = field(default=8, metadata={"help": "completions per prompt, the GRPO group (paper: 8)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; the trainer's log-probs use it too (paper: 1.0)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (paper: 1.0)"})
+    max_response_length: int = field(default=4096, metadata={"help": "cap on completion tokens (paper: 4096)"})
+    think_budget: Optional[int] = field(default=None, metadata={"help": "forced exit during RL: close </think> after this many tokens (paper: off)"})
+    mask_truncated_completions: bool = field(default=False, metadata={"help": "DAPO overlong filtering: truncated completions get no loss. Off (paper): RL cut truncated responses, which needs them scored 0 and trained on"})
+    dynamic_sampling: bool = field(default=False, metadata={"help": "DAPO: replace groups with equal rewards by fresh ones (paper: off)"})
+    dynamic_sampling_max_rounds: int = field(default=3, metadata={"help": "refill rounds per step; still-missing groups keep zero advantage"})
+    tis_cap: float = field(default=2.0, metadata={"help": "truncated importance sampling: weight each token by min(pi_train/pi_sampler, cap), correcting the numeric gap between vLLM's and the trainer's log-probs (after the paper; 0 = off)"})
+    generation_batch_size: int = field(default=64, metadata={"help": "sequences per hf `generate` call (hf backend only)"})
     # optimisation
-    prompts_per_step: int = 128  # prompts per optimizer step, all ranks together (paper: 128)
-    micro_batch_size: int = 2  # sequences per forward/backward on a rank: memory only, the math is unchanged
-    num_epochs: int = 3  # passes over the prompts (paper: 3, stopped once the reward converges)
-    max_steps: int = -1  # stop after this many steps (-1: num_epochs passes)
-    num_iterations: int = 1  # optimizer updates per generated batch; 1 = on-policy, as the paper
-    learning_rate: float = 3e-6  # AdamW (paper: 3e-6)
-    weight_decay: float = 1e-2  # (paper: 1e-2)
-    adam_beta1: float = 0.9  # (paper: not stated; AdamW's default)
-    adam_beta2: float = 0.999  # (paper: not stated; AdamW's default)
-    warmup_ratio: float = 0.1  # linear warm-up over this fraction of the updates (paper: 10%)
-    lr_scheduler: str = "constant"  # after warm-up: "constant" (verl's default; paper: not stated) or "cosine"
-    max_grad_norm: float = 1.0  # gradient-norm clip (paper: 1.0)
-    beta: float = 1e-2  # k3 KL penalty to the frozen starting model (paper: 1e-2); 0 = no reference model
-    eps_low: float = 0.2  # ratio clip below 1 (paper: 0.2)
-    eps_high: float = 0.28  # clip-higher above 1 (paper: "clip-higher", value not given; DAPO's 0.28)
-    scale_rewards: bool = True  # divide advantages by the group std (GRPO, paper); False = Dr. GRPO
-    freeze_vision_tower: bool = True  # paper: frozen vision encoder
-    freeze_merger: bool = False  # the vision-to-language projector (paper: not stated)
-    gradient_checkpointing: bool = False  # trade compute for memory on long responses
-    bf16: bool = True  # bf16 autocast on GPUs (weights and optimizer stay float32); ignored on CPUs
+    prompts_per_step: int = field(default=128, metadata={"help": "prompts per optimizer step, all ranks together (paper: 128)"})
+    micro_batch_size: int = field(default=2, metadata={"help": "sequences per forward/backward on a rank: memory only, the math is unchanged"})
+    num_epochs: int = field(default=3, metadata={"help": "passes over the prompts (paper: 3, stopped once the reward converges)"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (-1: num_epochs passes)"})
+    num_iterations: int = field(default=1, metadata={"help": "optimizer updates per generated batch; 1 = on-policy, as the paper"})
+    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW (paper: 3e-6)"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "(paper: 1e-2)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "(paper: not stated; AdamW's default)"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "(paper: not stated; AdamW's default)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "linear warm-up over this fraction of the updates (paper: 10%%)"})
+    lr_scheduler: str = field(default="constant", metadata={"help": "after warm-up: 'constant' (verl's default; paper: not stated) or 'cosine'"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip (paper: 1.0)"})
+    beta: float = field(default=1e-2, metadata={"help": "k3 KL penalty to the frozen starting model (paper: 1e-2); 0 = no reference model"})
+    eps_low: float = field(default=0.2, metadata={"help": "ratio clip below 1 (paper: 0.2)"})
+    eps_high: float = field(default=0.28, metadata={"help": "clip-higher above 1 (paper: 'clip-higher', value not given; DAPO's 0.28)"})
+    scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group std (GRPO, paper); False = Dr. GRPO"})
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "paper: frozen vision encoder"})
+    freeze_merger: bool = field(default=False, metadata={"help": "the vision-to-language projector (paper: not stated)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory on long responses"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPUs (weights and optimizer stay float32); ignored on CPUs"})
     # vLLM
-    vllm_gpu_memory_utilization: float = 0.3  # GPU memory fraction vLLM may take next to the trainer
-    vllm_tensor_parallel_size: int = 1  # GPUs per engine
-    vllm_sleep: bool = True  # free vLLM's GPU memory while training (GPUs only)
-    vllm_dtype: str = "auto"  # vLLM's weight dtype ("auto": the checkpoint's; bf16 on GPUs for the paper's model)
-    vllm_kv_cache_memory_bytes: Optional[int] = None  # fixed KV cache size instead of the fraction (CPU tests)
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU memory fraction vLLM may take next to the trainer"})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per engine"})
+    vllm_sleep: bool = field(default=True, metadata={"help": "free vLLM's GPU memory while training (GPUs only)"})
+    vllm_dtype: str = field(default="auto", metadata={"help": "vLLM's weight dtype ('auto': the checkpoint's; bf16 on GPUs for the paper's model)"})
+    vllm_kv_cache_memory_bytes: Optional[int] = field(default=None, metadata={"help": "fixed KV cache size instead of the fraction (CPU tests)"})
     # bookkeeping
-    save_steps: int = 50  # checkpoint every this many steps (0 = only the final model)
-    save_total_limit: int = 2  # keep this many checkpoints
-    resume: bool = False  # continue from the latest checkpoint in output_dir
-    seed: int = 0  # data order, sampling and initialisation
+    save_steps: int = field(default=50, metadata={"help": "checkpoint every this many steps (0 = only the final model)"})
+    save_total_limit: int = field(default=2, metadata={"help": "keep this many checkpoints"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
+    seed: int = field(default=0, metadata={"help": "data order, sampling and initialisation"})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -435,7 +433,10 @@ def main(cfg: Config):
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not main_proc, desc="rl")
     for step in bar:
         t_step = time.time()
-        sums, maxes = {}, {}
+        # every rank must gather the same keys in the same order: all of them start here
+        sums = dict.fromkeys(["groups", "zero_var_groups", "skipped_groups", "refill_groups", "completions", "scored",
+                              "reward_sum", "reward_sq_sum", "correct", "response_tokens", "truncated", "forced_exits"], 0.0)
+        maxes = {"response_length_max": 0}
 
         # ==== 1. generate: whole groups for this rank's share of the step's prompts ====
         indices = step_prompt_indices(step, len(rows), cfg.prompts_per_step, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
@@ -449,7 +450,7 @@ def main(cfg: Config):
             return usable(g) and len(set(g["rewards"])) == 1
 
         sums.update(groups=len(groups), zero_var_groups=sum(map(zero_var, groups)),
-                    skipped_groups=sum(not usable(g) for g in groups), refill_groups=0)
+                    skipped_groups=sum(not usable(g) for g in groups))
         if cfg.dynamic_sampling:  # DAPO: keep only groups with a learning signal, refill from random prompts
             rng = random.Random(cfg.seed * 100003 + step * world + rank)
             keep, rest = [g for g in groups if usable(g) and not zero_var(g)], [g for g in groups if usable(g) and zero_var(g)]
@@ -481,16 +482,16 @@ def main(cfg: Config):
                                   for t, f in zip(c.token_ids, c.forced_mask or [0] * len(c.token_ids))] or [0],
                     "sampler_logprobs": list(c.logprobs or [0.0] * len(c.token_ids)) or [0.0],
                     "advantage": advantages[gi * G + j]})
-                sums["completions"] = sums.get("completions", 0) + 1
-                if usable(g):
-                    sums["scored"] = sums.get("scored", 0) + 1
-                    sums["reward_sum"] = sums.get("reward_sum", 0) + g["rewards"][j]
-                    sums["reward_sq_sum"] = sums.get("reward_sq_sum", 0) + g["rewards"][j] ** 2
-                    sums["correct"] = sums.get("correct", 0) + (g["rewards"][j] == 1.0)
-                sums["response_tokens"] = sums.get("response_tokens", 0) + len(c.token_ids)
-                sums["truncated"] = sums.get("truncated", 0) + truncated
-                sums["forced_exits"] = sums.get("forced_exits", 0) + c.forced_exit
-                maxes["response_length_max"] = max(maxes.get("response_length_max", 0), len(c.token_ids))
+                r = g["rewards"][j] if usable(g) else None
+                sums["completions"] += 1
+                sums["scored"] += r is not None
+                sums["reward_sum"] += r or 0.0
+                sums["reward_sq_sum"] += (r or 0.0) ** 2
+                sums["correct"] += r == 1.0
+                sums["response_tokens"] += len(c.token_ids)
+                sums["truncated"] += truncated
+                sums["forced_exits"] += c.forced_exit
+                maxes["response_length_max"] = max(maxes["response_length_max"], len(c.token_ids))
         # the step's token-level mean runs over every masked token on every rank
         step_tokens = reduce_metrics(accelerator, {"t": sum(sum(s["loss_mask"]) for s in samples)}, {})["t"]
         microbatches = [samples[i:i + cfg.micro_batch_size] for i in range(0, len(samples), cfg.micro_batch_size)]
@@ -555,11 +556,11 @@ def main(cfg: Config):
         sums.update({f"train_{k}": v for k, v in train.items()})
         maxes.update(logprob_gap_max=gap_max, t_gen=t_gen, t_score=t_score, t_train=t_train, t_sync=t_sync)
         m = reduce_metrics(accelerator, sums, maxes)
-        scored, tok = max(m.get("scored", 0), 1), max(m["train_tok"], 1)
-        mean = m.get("reward_sum", 0) / scored
+        scored, tok = max(m["scored"], 1), max(m["train_tok"], 1)
+        mean = m["reward_sum"] / scored
         log = {"step": step + 1, "reward_mean": mean,
-               "reward_std": math.sqrt(max(m.get("reward_sq_sum", 0) / scored - mean ** 2, 0.0)),
-               "accuracy": m.get("correct", 0) / scored, "zero_var_group_frac": m["zero_var_groups"] / m["groups"],
+               "reward_std": math.sqrt(max(m["reward_sq_sum"] / scored - mean ** 2, 0.0)),
+               "accuracy": m["correct"] / scored, "zero_var_group_frac": m["zero_var_groups"] / m["groups"],
                "skipped_groups": int(m["skipped_groups"]), "refill_groups": int(m["refill_groups"]),
                "response_length_mean": m["response_tokens"] / m["completions"],
                "response_length_max": int(m["response_length_max"]), "truncation_rate": m["truncated"] / m["completions"],

@@ -281,8 +281,8 @@ def collate(examples: list[dict], rows: list[list[int]], pad_id: int, mrope: boo
         t = 0
         for i in row:
             ex, n = examples[i], len(examples[i]["ids"])
-            input_ids[r, t:t + n] = torch.tensor(ex["ids"])
-            targets[r, t:t + n] = torch.tensor(ex["targets"])
+            input_ids[r, t:t + n] = torch.as_tensor(ex["ids"])
+            targets[r, t:t + n] = torch.as_tensor(ex["targets"])
             text_pos[r, t:t + n] = torch.arange(n)
             rope_pos[:, r, t:t + n] = ex["positions"] if ex["positions"] is not None else torch.arange(n)
             images += ex["images"]  # row-major order = the order of image tokens in the flattened batch
@@ -343,6 +343,10 @@ def main(cfg: SFTConfig):
     # ------------------------------------------------------------------------------------------------------------
     # 1. Set-up: processes, model, processor, frozen parts
     # ------------------------------------------------------------------------------------------------------------
+    for name, allowed in [("overlong", ("truncate", "drop")), ("on_bad_row", ("error", "skip")),
+                          ("lr_schedule", ("epoch_decay", "cosine", "linear")), ("report_to", ("none", "wandb", "tensorboard"))]:
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")
     model_config = AutoConfig.from_pretrained(cfg.model_name_or_path)
     is_vlm = hasattr(model_config, "vision_config")
     log_with = None if cfg.report_to == "none" else cfg.report_to
@@ -359,6 +363,10 @@ def main(cfg: SFTConfig):
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
     resume_dir = list_checkpoints(cfg.output_dir)[-1] if cfg.resume and list_checkpoints(cfg.output_dir) else None
+    if cfg.resume and resume_dir is None:
+        accelerator.print(f"--resume: no checkpoint in {cfg.output_dir}, starting from the beginning")
+    if not cfg.resume and list_checkpoints(cfg.output_dir):  # never mix two runs' checkpoints
+        raise ValueError(f"{cfg.output_dir} holds checkpoints of an earlier run: pass --resume, or another --output_dir")
 
     model_cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
     model = model_cls.from_pretrained(cfg.model_name_or_path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
@@ -412,6 +420,8 @@ def main(cfg: SFTConfig):
         if ex["n_targets"] == 0:
             counts["dropped_no_target"] += 1
             continue
+        # int32 tensors: Python int lists would take ~9x the memory (114k x 4096 tokens x 2 per process)
+        ex["ids"], ex["targets"] = torch.tensor(ex["ids"], dtype=torch.int32), torch.tensor(ex["targets"], dtype=torch.int32)
         examples.append(ex)
     global_batch = world * cfg.gradient_accumulation_steps * cfg.per_device_batch_size
     steps_per_epoch = len(examples) // global_batch
@@ -511,7 +521,7 @@ def main(cfg: SFTConfig):
             slots, pad_slots = slots + width, pad_slots + batch["padding_fraction"] * width
 
         # 4b. log: global token-mean loss, lr, grad norm, throughput, padding
-        totals = accelerator.reduce(torch.tensor([loss_sum.item(), tokens, pad_slots, slots], device=accelerator.device), "sum")
+        totals = accelerator.reduce(torch.tensor([loss_sum.item(), tokens, pad_slots, slots], dtype=torch.float64, device=accelerator.device), "sum")
         elapsed = time.time() - t0
         record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": totals[0].item() / n_tokens,
                   "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,

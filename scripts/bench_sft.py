@@ -9,7 +9,7 @@ forward, backward, optimizer), padding fraction is padding slots / all slots. Ca
   text CoT  : the tiny text model on toy OpenThoughts rows (the paper's stage-1 shape)
   image+text: the tiny VLM on toy chat rows, half of them with an image (the toy's stage 0)
 With `trl` importable (e.g. `pip install --no-deps --target DIR trl` and `PYTHONPATH=DIR`), TRL's
-SFTTrainer runs the text CoT case too: padded, and packed with its padding-free "bfd" strategy.
+SFTTrainer runs the text CoT case too: padded, and padding-free (the batch concatenated into one row).
 Prints a table; `--json PATH` also writes the numbers. This is a benchmark, not a test.
 """
 
@@ -50,8 +50,10 @@ def bench_sft(model, data, out, args, *extra) -> dict:
         return summarise([json.loads(line) for line in f], args.warmup)
 
 
-def bench_trl(model_dir: str, data: str, args, packing: bool) -> dict:
-    """TRL's SFTTrainer on the same rows (converted like sft.py does), loss on the completion only."""
+def bench_trl(model_dir: str, data: str, args, padding_free: bool) -> dict:
+    """TRL's SFTTrainer on the same rows (converted like sft.py does), loss on the completion only.
+    padding_free: each batch's examples are concatenated into one row with per-example position ids (TRL's
+    `packing=True` would instead fill rows of max_length, so a "batch" would no longer be batch_size examples)."""
     import torch
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from datasets import Dataset
@@ -78,7 +80,7 @@ def bench_trl(model_dir: str, data: str, args, packing: bool) -> dict:
         config = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                            learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1000, save_strategy="no",
                            report_to=[], use_cpu=True, bf16=False, max_length=4096, completion_only_loss=True,
-                           packing=packing, packing_strategy="bfd", dataloader_num_workers=0, seed=0)
+                           padding_free=padding_free, dataloader_num_workers=0, seed=0)
         trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tokenizer, callbacks=[Timer()])
         collate = trainer.data_collator
 
@@ -135,10 +137,10 @@ def main():
         except ImportError:
             print("trl is not importable: skipping the SFTTrainer comparison")
         else:
-            for packing in (False, True):
-                mode = "packed (bfd, padding-free)" if packing else "padded"
+            for padding_free in (False, True):
+                mode = "padding-free (one row)" if padding_free else "padded"
                 print(f"TRL SFTTrainer text CoT {mode} ...", flush=True)
-                results[f"TRL {trl.__version__} | text CoT | {mode}"] = bench_trl(text, cot, args, packing)
+                results[f"TRL {trl.__version__} | text CoT | {mode}"] = bench_trl(text, cot, args, padding_free)
 
     print(f"\n{args.steps} steps x {args.batch_size} examples, median of steps {args.warmup + 1}..{args.steps}, "
           f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")

@@ -6,6 +6,8 @@ Every file has the *real* dataset's shape, so the stage scripts run on it exactl
 
     sft/openthoughts.jsonl     OpenThoughts-114k: system, conversations [{from: user}, {from: assistant}]
                                with <|begin_of_thought|> ... <|end_of_solution|> (text-only CoT: stage 1)
+    sft/cot_messages.jsonl     the same text-only CoT rows as plain chat `messages`, asked in both of the
+                               project's prompt formats (the toy's stage 1: see make_cot_messages)
     sft/messages.jsonl         plain chat `messages` + `images` (paths relative to the file): the toy
                                "base VLM" lessons (stage 0): read the drawn problem, restate it, answer
     sft/images/*.png
@@ -168,10 +170,39 @@ def make_openthoughts(train):
     return rows
 
 
+def make_cot_messages(train):
+    """Text-only CoT rows in the chat shape. The questions alternate between rewards.train_prompt (what
+    sft.py and rl.py use) and rewards.math_prompt (what evaluate.py uses): a ~2M-parameter model does not
+    carry a behaviour across prompt wordings the way a 7B model does, and the toy tests transfer across
+    modalities, not across prompt wordings."""
+    return [{"messages": [{"role": "user", "content": wrap(text_question(a, b), i)},
+                          {"role": "assistant", "content": rewards.format_response(chain_of_thought(a, b), str(a + b))}]}
+            for i, (a, b) in enumerate(train)]
+
+
+def image_question() -> str:
+    """The image question: the picture stands exactly where the text question has the problem (MMMU's
+    `<image 1>` placeholder, which evaluate.py honours), so both are one prompt with the problem given
+    either as text tokens or as image tokens, at the same distance from the answer."""
+    return f"<image 1>\n{SOLVE}{INTEGER_HINT}"
+
+
+def parts(text: str) -> list[dict]:
+    """A user turn as chat content parts, the image where its `<image 1>` placeholder is."""
+    out = []
+    for k, piece in enumerate(text.split("<image 1>")):
+        if k:
+            out.append({"type": "image"})
+        if piece:
+            out.append({"type": "text", "text": piece})
+    return out
+
+
 def make_base_messages(base, sft_dir, font, rng):
     """Stage 0 lessons for the toy base VLM, in four kinds mixed evenly: image + "Read the problem." ->
     the transcript (twice: reading is the slow skill, and these rows are short); text question ->
-    restate + answer; image question -> restate (read) + answer."""
+    restate + answer; image question -> restate (read) + answer. Contents are lists of parts (the image
+    sits inside the prompt), assistant turns included, so every row has the same JSON shape."""
     rows = []
     for i, (a, b) in enumerate(base):
         kind = i % 4
@@ -180,10 +211,11 @@ def make_base_messages(base, sft_dir, font, rng):
         else:
             images = [save_image(draw(problem_text(a, b), font), sft_dir, f"base_{i:05d}")]
             if kind == 3:
-                user, answer = wrap(SOLVE + INTEGER_HINT, i // 4), direct_response(a, b)
+                user, answer = wrap(image_question(), i // 4), direct_response(a, b)
             else:
-                user, answer = READ, problem_text(a, b)
-        rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                user, answer = f"<image 1>\n{READ}", problem_text(a, b)
+        rows.append({"messages": [{"role": "user", "content": parts(user)},
+                                  {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
                      "images": images})
     rng.shuffle(rows)
     return rows
@@ -221,12 +253,13 @@ def mathvista_row(pid, question, image, answer, choices=None):
 
 
 def make_toy_image(items, eval_dir, font):
-    # query == question: the toy test set asks exactly what the text set asks, minus the problem text.
+    # query == question: the toy test set asks exactly what the text set asks, the problem drawn instead.
     rows = []
     for i, (a, b) in enumerate(items):
-        row = mathvista_row(f"toy{i}", SOLVE, save_image(draw(problem_text(a, b), font), eval_dir, f"toy_{i:04d}"),
+        question = image_question().removesuffix(INTEGER_HINT)  # evaluate.py adds the hint back
+        row = mathvista_row(f"toy{i}", question, save_image(draw(problem_text(a, b), font), eval_dir, f"toy_{i:04d}"),
                             str(a + b))
-        row["query"] = SOLVE
+        row["query"] = question
         rows.append(row)
     return rows
 
@@ -296,7 +329,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n_train", type=int, default=2000, help="text CoT rows (sft/openthoughts.jsonl)")
+    parser.add_argument("--n_train", type=int, default=2000, help="text CoT rows (sft/openthoughts.jsonl, sft/cot_messages.jsonl)")
     parser.add_argument("--n_base", type=int, default=1500, help="stage-0 rows (sft/messages.jsonl), 3/4 with images")
     parser.add_argument("--n_rl", type=int, default=1000, help="RL problems (rl/orz_math.json)")
     parser.add_argument("--n_test", type=int, default=200, help="toy_text / toy_image test problems")
@@ -329,6 +362,7 @@ def main():
 
     sft_dir, eval_dir = os.path.join(out, "sft"), os.path.join(out, "eval")
     write_jsonl(os.path.join(sft_dir, "openthoughts.jsonl"), make_openthoughts(take(args.n_train, 0)))
+    write_jsonl(os.path.join(sft_dir, "cot_messages.jsonl"), make_cot_messages(take(args.n_train, 0)))
     write_jsonl(os.path.join(sft_dir, "messages.jsonl"),
                 make_base_messages(take(args.n_base, args.n_train), sft_dir, font, rng))
     with open(os.path.join(out, "rl", "orz_math.json"), "w", encoding="utf-8") as f:

@@ -21,7 +21,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from make_toy_data import READ  # noqa: E402
+from make_toy_data import READ, parts  # noqa: E402
 
 STAGES = [("base", "stage 0: toy base VLM"), ("sft", "stage 1: + text-only CoT SFT"),
           ("rl", "stage 2: + text-only GRPO")]
@@ -69,7 +69,7 @@ def ocr(model_dir, data_dir, limit):
     rows = read_jsonl(os.path.join(data_dir, "toy_image.jsonl"))[:limit]
     problems = toy_problems(data_dir)[:limit]
     engine = load_engine(model_dir, backend="hf")
-    text = chat_prompt(engine.processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": READ}]}])
+    text = chat_prompt(engine.processor, [{"role": "user", "content": parts(f"<image 1>\n{READ}")}])  # as in stage 0
     prompts = [{"prompt": text, "images": [Image.open(os.path.join(data_dir, r["decoded_image"])).convert("RGB")]}
                for r in rows]
     outs = generate(engine, prompts, n=1, temperature=0, max_new_tokens=12)

@@ -19,7 +19,8 @@ import rewards
 # 7 or 8 and the right option is A or B, so a few dozen steps teach a tiny teacher the format and a
 # coin-flip answer: pass rates land between 0 and 1.
 MATH = [(3, 4), (2, 5), (1, 6), (5, 3), (4, 4), (6, 2), (0, 7), (1, 7)]
-MCQ = [(2, 5), (4, 4), (6, 1), (3, 5)]
+MCQ = [(2, 5), (4, 4), (6, 1), (3, 5)]  # the first two are also math questions: decontamination drops them
+N_MATH = 7  # --limit: the math runs distill the first 7 (of 8 after de-duplication)
 
 
 def mcq_options(a: int, b: int) -> tuple[dict, str]:
@@ -172,6 +173,46 @@ def test_resume_repairs_torn_and_unfinished(tmp_path):
     assert read_jsonl(out + ".done") == [{"question_id": "0", "kept": 1}]
 
 
+def test_openai_client_retries_then_succeeds(monkeypatch):
+    """A loopback server that answers 503 twice, then a completion: the client retries with back-off,
+    sends the key from the environment variable, and returns the reply; a 400 is not retried."""
+    import http.server
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers.get("Authorization"), body["model"]))
+            code = 400 if body["model"] == "bad" else 503 if len(seen) <= 2 else 200
+            reply = {"choices": [{"message": {"content": "hi", "reasoning_content": "think"},
+                                  "finish_reason": "stop"}], "usage": {"completion_tokens": 3}}
+            data = json.dumps(reply if code == 200 else {"error": "busy"}).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setattr(distill, "backoff_seconds", lambda attempt: 0.01)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    base = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    try:
+        reply = distill.openai_chat(base, "sk-test", {"model": "m"}, timeout=10, max_retries=3)
+        assert len(seen) == 3 and seen[-1] == ("/v1/chat/completions", "Bearer sk-test", "m")
+        assert distill.choice_text(reply["choices"][0]) == "<think>\nthink\n</think>\nhi"
+        with pytest.raises(RuntimeError, match="HTTP 400"):
+            distill.openai_chat(base, "", {"model": "bad"}, timeout=10, max_retries=3)
+        assert len(seen) == 4 and seen[-1][1] is None  # not retried; no key, no header
+    finally:
+        httpd.shutdown()
+
+
 # ---- end to end with the hf backend -----------------------------------------------------------------
 def check_output(output, teacher, n_questions, mcq=False):
     """Rows verify, load in sft.py, have their metadata once each; the stats add up."""
@@ -206,21 +247,23 @@ def check_output(output, teacher, n_questions, mcq=False):
 def math_run(teacher_dir, toy_questions, tmp_path_factory):
     """An uninterrupted run on the Orz-shaped questions (also the reference for the kill test)."""
     out = str(tmp_path_factory.mktemp("math-run") / "math.jsonl")
-    run_script(*distill_args(teacher_dir, toy_questions[0], out))
+    run_script(*distill_args(teacher_dir, toy_questions[0], out, "--limit", str(N_MATH)))
     return out
 
 
 def test_distill_hf_end_to_end(teacher_dir, toy_questions, math_run, tmp_path):
     orz, medqa = toy_questions
-    rows, stats = check_output(math_run, teacher_dir, len(MATH))
+    rows, stats = check_output(math_run, teacher_dir, N_MATH)
     assert stats["duplicates_dropped"] == 1 and stats["questions_in_dataset"] == len(MATH) + 1
-    assert stats["pass_rate"] > 0 and stats["rows_kept"] > 0
-    # MedQA shape, several questions per generate() call, decontaminated against unrelated questions
+    assert stats["questions_selected"] == N_MATH and stats["pass_rate"] > 0 and stats["rows_kept"] > 0
+    # MedQA shape, several questions per generate() call, decontaminated against the math questions
+    # ("What is 2 + 5?" is 4 words: with --ngram 4 the shared questions overlap)
     out_mcq = str(tmp_path / "mcq.jsonl")
-    run_script(*distill_args(teacher_dir, medqa, out_mcq, "--limit", "3", "--questions_per_call", "4",
+    run_script(*distill_args(teacher_dir, medqa, out_mcq, "--questions_per_call", "4",
                              "--decontaminate", orz, "--ngram", "4"))
-    rows, stats = check_output(out_mcq, teacher_dir, 3, mcq=True)
-    assert stats["contaminated_dropped"] == 0 and stats["pass_rate"] > 0
+    rows, stats = check_output(out_mcq, teacher_dir, 2, mcq=True)
+    assert stats["contaminated_dropped"] == 2 and stats["pass_rate"] > 0
+    assert {r["question_id"] for r in rows} <= {"2", "3"}
     for r in rows:
         options = mcq_options(*MCQ[int(r["question_id"])])[0]
         assert r["messages"][0]["content"] == rewards.mcq_prompt(f"What is {MCQ[int(r['question_id'])][0]} + "
@@ -230,13 +273,14 @@ def test_distill_hf_end_to_end(teacher_dir, toy_questions, math_run, tmp_path):
     out = str(tmp_path / "c.jsonl")
     stats = distill.main(distill.DistillConfig(teacher="unused", dataset=orz, output=out, backend="hf",
                                                decontaminate=[orz]))
-    assert stats["contaminated_dropped"] == len(MATH) and stats["rows_kept"] == 0
+    assert stats["contaminated_dropped"] == len(MATH) and stats["rows_kept"] == stats["questions_done"] == 0
     assert json.load(open(out + ".stats.json"))["questions_selected"] == 0
 
 
 def test_distill_resumes_after_sigkill(teacher_dir, toy_questions, math_run, tmp_path):
     orz, killed = toy_questions[0], str(tmp_path / "killed.jsonl")
-    proc = subprocess.Popen([sys.executable, *distill_args(teacher_dir, orz, killed)], cwd=ROOT,
+    args = distill_args(teacher_dir, orz, killed, "--limit", str(N_MATH))
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # kill once a few questions are done
@@ -246,11 +290,11 @@ def test_distill_resumes_after_sigkill(teacher_dir, toy_questions, math_run, tmp
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     n_done = len(read_jsonl(killed + ".done"))
-    assert 2 <= n_done < len(MATH), "the kill should land mid-run"
+    assert 2 <= n_done < N_MATH, "the kill should land mid-run"
     with open(killed, "a") as f:  # as if the kill had also cut a row in half
         f.write('{"messages": [{"role": "user", "con')
-    run_script(*distill_args(teacher_dir, orz, killed))
+    run_script(*args)
     rows_full, rows_resumed = read_jsonl(math_run), read_jsonl(killed)
     key = lambda r: (r["question_id"], r["sample"])  # noqa: E731
     assert sorted(rows_resumed, key=key) == sorted(rows_full, key=key)  # each row once, none lost
-    check_output(killed, teacher_dir, len(MATH))
+    check_output(killed, teacher_dir, N_MATH)

@@ -110,15 +110,45 @@ def test_messages_shape(toy_data_dir):
     for row in ds:
         user, assistant = row["messages"]
         assert user["role"] == "user" and assistant["role"] == "assistant"
-        assert isinstance(user["content"], str) and isinstance(assistant["content"], str)
-        for rel in row["images"]:
+        # contents are lists of parts; the image items match the `images` column
+        assert sum(p["type"] == "image" for p in user["content"]) == len(row["images"])
+        assert all(p["type"] == "text" and p["text"] for p in assistant["content"])
+        answer = assistant["content"][0]["text"]
+        if row["images"]:
             n_image += 1
-        if row["images"] and n_image < 20:
-            check_image(folder, row["images"][0])
-        if "<answer>" in assistant["content"]:  # restate, then answer
-            a, b = map(int, PROBLEM.search(assistant["content"]).groups())
-            assert assistant["content"] == f"<think>\n{a} + {b}\n</think>\n<answer>{a + b}</answer>"
+            if n_image < 20:
+                check_image(folder, row["images"][0])
+        if "<answer>" in answer:  # restate, then answer
+            a, b = map(int, PROBLEM.search(answer).groups())
+            assert answer == f"<think>\n{a} + {b}\n</think>\n<answer>{a + b}</answer>"
     assert 0 < n_image < len(ds)  # both text and image lessons
+
+
+def test_messages_rows_render_with_the_image_in_place(toy_data_dir, tiny_vl_dir):
+    """The image question renders exactly like the text question, with image tokens where the problem is."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_vl_dir)
+    with open(os.path.join(toy_data_dir, "sft/messages.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    solve_with_image = next(r for r in rows if r["images"] and "<answer>" in r["messages"][1]["content"][0]["text"])
+    text = processor.apply_chat_template(solve_with_image["messages"], tokenize=False)
+    assert ": <|vision_start|><|image_pad|><|vision_end|>\nSolve the problem.\n(Answer with an integer.)<|im_end|>" in text
+
+
+def test_cot_messages_shape(toy_data_dir):
+    import rewards
+
+    ds = load(toy_data_dir, "sft/cot_messages.jsonl")
+    assert ds.column_names == ["messages"]
+    wrappers = set()
+    for row in ds.select(range(20)):
+        user, assistant = row["messages"]
+        a, b = map(int, PROBLEM.search(user["content"]).groups())
+        wrappers.add(user["content"].startswith(rewards.train_prompt("")))
+        assert assistant["content"].startswith(f"<think>\n{a} + {b}\n")  # restate first, as in stage 0
+        assert rewards.extract_answer(assistant["content"]) == str(a + b)
+    assert wrappers == {True, False}  # both prompt formats
 
 
 def test_orz_shape(toy_data_dir):
@@ -220,7 +250,7 @@ def problems_in(path):
 
 def test_no_test_problem_in_training(toy_data_dir):
     train = set()
-    for rel in ("sft/openthoughts.jsonl", "sft/messages.jsonl", "rl/orz_math.json"):
+    for rel in ("sft/openthoughts.jsonl", "sft/cot_messages.jsonl", "sft/messages.jsonl", "rl/orz_math.json"):
         train |= problems_in(os.path.join(toy_data_dir, rel))
     evals = os.path.join(toy_data_dir, "eval")
     test = set()

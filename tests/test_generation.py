@@ -181,7 +181,7 @@ assert type(model.state_dict()["model.layers.0.mlp.up_proj.weight"]).__name__ ==
 full = dict(generation.full_state_dict(model, acc))
 assert full.keys() == want.keys(), set(full) ^ set(want)
 assert all(torch.equal(full[k], want[k]) for k in want)
-print("rank", acc.process_index, "gathered", len(full))
+sys.stdout.write(f"gathered={len(full)}\\n")  # one write: the ranks share stdout
 """
 
 
@@ -192,7 +192,7 @@ def test_full_state_dict_gathers_fsdp2_shards(tiny_text_dir, tmp_path):
     script.write_text(FSDP2_SCRIPT)
     proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), tiny_text_dir,
                       generation.__file__.rsplit("/", 1)[0], env={"OMP_NUM_THREADS": "1"}, timeout=300)
-    assert "rank 0 gathered 51" in proc.stdout and "rank 1 gathered 51" in proc.stdout
+    assert proc.stdout.count("gathered=51") == 2  # both ranks, every weight (tied lm_head included)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -66,6 +66,10 @@ def test_options_helpers():
     ("<think>unclosed <answer>6</answer>", "6"),
     ("<answer>$x=5$</answer>", "x=5"), ("<answer>  9 </answer>", "9"),
     ("<answer>7", "7"),  # cut by the length cap inside the answer
+    ("<answer>Answer: 5</answer>", "5"), ("<answer>The answer is 12.</answer>", "12"), ("<answer>**B**</answer>", "B"),
+    ("<answer>C: nucleus</answer>", "C: nucleus"), ("<answer>x = 5, so y = 2</answer>", "x = 5, so y = 2"),
+    ("<answer>The cell wall, which protects the cell from osmotic pressure and stress</answer>",
+     "The cell wall, which protects the cell from osmotic pressure and stress"),
     ("A long paragraph of text without any answer at all, which goes on for quite a while.\nAnd more.", None),
     ("", None), (None, None),
 ])
@@ -233,6 +237,7 @@ def test_property_random_unicode_never_raises(text, gold):
     R.match_choice(text, OPTS)
     R.majority_vote([text, gold, None])
     R.format_reward([text])
+    R._evaluate(text), R._fast_math(gold, text), R._tuple_parts(text)
     out = R.accuracy_reward([text, text], [gold, "C"], [None, OPTS])
     assert out[0] in (0.0, 1.0, None) and out[1] in (0.0, 1.0)
 
@@ -274,3 +279,96 @@ def test_majority_vote():
     assert R.majority_vote(["1,000", "1000", "7"]) == "1,000"
     assert R.majority_vote(["3", "4"]) == "3"  # tie: first seen
     assert R.majority_vote([None, None]) is None and R.majority_vote([]) is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fast path (no sympy) must agree with Math-Verify wherever it decides
+
+ATOMS = ["0", "2", "-4", "12", "0.5", "0.333333", "0.33333", "0.6666667", "1.414214", "1.41421", "3.14159",
+         "\\frac{1}{3}", "\\frac23", "\\frac{4}{6}", "\\sqrt{2}", "\\sqrt8", "2\\sqrt2", "\\pi", "\\frac{\\pi}{2}",
+         "x", "2x", "x^2+2x", "x(x+2)", "(x+1)^2", "x^2+2x+1", "y", "(1,2)", "(2,1)", "[1,2]", "(1,2]", "(1, 2)",
+         "(\\frac12,3)", "(0.5,3)", "(3,4,5)", "5m", "5x", "x+5", "10\\text{ cm}", "\\frac{\\sqrt2}{2}",
+         "1,000,000", "x=5", "y=5", "5.0", "2^{10}", "1024", "3-x", "\\sqrt[3]{27}", "3.0", "003", "\\dfrac{1}{2}", "1/2"]
+
+
+def _fast_vs_math_verify(pairs):
+    decided, disagree = 0, []
+    for g, p in pairs:
+        r = R._fast_math(R._clean_gold(g), p)
+        if r not in ("slow", "slow0"):
+            decided += 1
+            if r != R._verify_item(g, p):
+                disagree.append((g, p, r))
+    return decided, disagree
+
+
+def test_fast_path_agrees_with_math_verify_sample():
+    import random
+    pairs = random.Random(0).sample([(g, p) for g in ATOMS for p in ATOMS], 150)
+    decided, disagree = _fast_vs_math_verify(pairs)
+    assert decided > 75 and disagree == []
+
+
+@pytest.mark.slow
+def test_fast_path_agrees_with_math_verify_all_pairs():
+    decided, disagree = _fast_vs_math_verify([(g, p) for g in ATOMS for p in ATOMS])
+    assert decided > 1000 and disagree == []
+
+
+@pytest.mark.parametrize("s,want", [
+    ("2\\sqrt{2}", 2 * 2 ** 0.5), ("\\frac12", 0.5), ("\\frac{\\sqrt{3}}{2}", 3 ** 0.5 / 2), ("-2^{-1}", -0.5),
+    ("\\sqrt[3]{27}", 3.0), ("2\\cdot3", 6.0), ("1/2/2", 0.25), ("\\pi 3", 3 * 3.141592653589793),
+    ("2^10", None),  # LaTeX reads 2^1 * 0: left to Math-Verify
+    ("2^{1000}", None), ("9^{9^{9}}", None), ("(-8)^{\\frac13}", None), ("\\sqrt{-1}", None), ("1/0", None),
+    ("e^2", None), ("__import__('os')", None), ("x.__class__", None), ("lambda: 1", None), ("", None),
+])
+def test_evaluate_is_a_small_safe_reader(s, want):
+    got = R._evaluate(s)
+    if want is None:
+        assert got is None
+    else:
+        assert got[0] == () and got[1][0] == pytest.approx(want)
+
+
+@pytest.mark.parametrize("gold,pred,want", [
+    ("5", "<answer>5 cm</answer>", 1.0), ("5", "<answer>5\\text{ apples}</answer>", 1.0),  # units dropped
+    ("5", "<answer>5x</answer>", 0.0), ("x^2+6x", "<answer>7\\sqrt{3}</answer>", 0.0),
+    ("(3,4)", "<answer>(4,3)</answer>", 0.0), ("(3,4)", "<answer>x^2+4</answer>", 0.0), ("[3,4]", "<answer>[3, 4.0]</answer>", 1.0),
+    ("\\frac23", "<answer>0.666667</answer>", 1.0), ("\\frac23", "<answer>0.666666</answer>", 0.0),  # 6-decimal rule
+    ("\\sqrt2", "<answer>1.414214</answer>", 1.0), ("\\sqrt2", "<answer>1.41421</answer>", 0.0),
+    ("y=2x+1", "<answer>y=1+2x</answer>", 1.0), ("y=2x+1", "<answer>y=2x+2</answer>", 0.0),
+    ("x=5", "<answer>5</answer>", 1.0), ("x=5", "<answer>x=5.0</answer>", 1.0), ("x=5", "<answer>y=5</answer>", 0.0),
+])
+def test_more_math(gold, pred, want):
+    assert acc(pred, gold) == want
+
+
+def test_several_processes_at_once(tmp_path):
+    """Like torchrun ranks: each process its own pool, sized by LOCAL_WORLD_SIZE, none in the other's way."""
+    import subprocess
+    import sys
+    code = ("import rewards as R; out = R.accuracy_reward(['<answer>\\\\{2,1\\\\}</answer>', '<answer>y=1+x</answer>'], "
+            "['\\\\{1,2\\\\}', 'y=x+1']); assert out == [1.0, 1.0], out; assert R._POOL.n == 1; print('ok')")
+    env = {**os.environ, "LOCAL_WORLD_SIZE": "2", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and "ok" in out, err[-2000:]
+
+
+_LEAF = st.sampled_from(["1", "2", "3", "0.5", "x", "y", "\\pi", "\\sqrt{2}", "\\sqrt3", "\\frac12", "\\frac{3}{4}", "12"])
+_EXPR = st.recursive(_LEAF, lambda c: st.one_of(
+    st.tuples(c, st.sampled_from(["+", "-", "*", "/", "", "\\cdot "]), c).map(lambda t: f"({t[0]}{t[1]}{t[2]})"),
+    c.map(lambda a: "-" + a), st.tuples(c, st.sampled_from(["2", "3", "{-1}"])).map(lambda t: f"{t[0]}^{t[1]}"),
+    st.tuples(c, c).map(lambda t: f"\\frac{{{t[0]}}}{{{t[1]}}}"), c.map(lambda a: f"\\sqrt{{{a}}}")), max_leaves=5)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_EXPR, _EXPR, st.sampled_from(["{}", "1*{}", "{}+0", "2*{}/2", "\\left({}\\right)", "{}+{}"]))
+def test_property_fast_path_agrees_with_math_verify(g, other, form):
+    r = R._fast_math(R._clean_gold(g), other)  # a random other expression: Math-Verify's verdict
+    if r not in ("slow", "slow0"):
+        assert r == R._verify_item(g, other), (g, other)
+    # an equal rewriting of g: right is 1.0 (Math-Verify itself misses some, e.g. x <- 1*x)
+    assert R._fast_math(R._clean_gold(g), form.replace("{}", g)) in (1.0, "slow")
