@@ -24,6 +24,7 @@ has a timeout and is retried with exponential back-off and jitter on connection 
 A question whose requests still fail is not marked done: rerun the command to retry it.
 """
 
+import collections
 import hashlib
 import json
 import os
@@ -44,32 +45,33 @@ import rewards
 
 @dataclass
 class DistillConfig:
-    teacher: str = "Qwen/QwQ-32B"  # teacher: hf id / path (vllm, hf) or served model name (openai). Paper (X-Reasoner-Med): QwQ-32B
-    dataset: str = "GBaker/MedQA-USMLE-4-options"  # hub id or local .jsonl/.json/.parquet/save_to_disk folder. Paper: MedQA
-    dataset_config: str | None = None  # hub dataset config name, if it has several
-    split: str = "train"  # split to distill (hub ids and save_to_disk folders). Paper: MedQA train
-    output: str = "data/distill.jsonl"  # output JSONL (sft.py rows); sidecars <output>.done and <output>.stats.json
-    num_samples: int = 4  # teacher samples per question. Paper: not stated
-    keep: int = 1  # keep at most this many verified samples per question. Paper: not stated (rejection sampling)
-    backend: str = "vllm"  # teacher backend: vllm (local engine), hf (transformers; CPU/tests), openai (HTTP server)
-    base_url: str = "http://127.0.0.1:8000/v1"  # openai backend: server root (`vllm serve` listens on :8000/v1)
-    api_key_env: str = "OPENAI_API_KEY"  # openai backend: environment variable holding the API key (unset: no key)
-    max_new_tokens: int = 4096  # teacher response cap; truncated samples are rejected. Paper: 4096 (SFT max length)
-    temperature: float = 0.6  # sampling temperature. Paper: not stated; QwQ-32B's card recommends 0.6
-    top_p: float = 0.95  # nucleus sampling. Paper: not stated; QwQ-32B's card recommends 0.95
-    limit: int | None = None  # distill only the first N questions (after de-duplication / decontamination)
-    seed: int = 0  # sampling seed (hf: per call; openai: per request, if the server honours it)
-    questions_per_call: int = 64  # questions per generate() call / per batch of requests; also the resume grain
-    gen_batch_size: int = 64  # hf backend: sequences per forward batch
-    tensor_parallel_size: int = 1  # vllm backend: GPUs per engine (QwQ-32B in bf16 fits on 2-4 80 GB GPUs)
-    gpu_memory_utilization: float = 0.9  # vllm backend: fraction of GPU memory for weights + KV cache
-    max_model_len: int | None = None  # vllm backend: context length (None: the model's)
-    concurrency: int = 32  # openai backend: requests in flight at once
-    request_timeout: float = 600.0  # openai backend: seconds per request before it is retried
-    max_retries: int = 5  # openai backend: retries per request (back-off 1, 2, 4, ... s, capped at 60, +-50% jitter)
-    dedup: bool = True  # drop repeated questions (same normalised text and options), keeping the first
-    decontaminate: list[str] = field(default_factory=list)  # evaluation files whose questions must not leak into training
-    ngram: int = 13  # decontamination: a question is dropped if it shares a word n-gram with an evaluation question
+    teacher: str = field(default="Qwen/QwQ-32B", metadata={"help": "teacher: hub id or folder (vllm, hf), or the served model name (openai) (paper, X-Reasoner-Med: QwQ-32B)"})
+    dataset: str = field(default="GBaker/MedQA-USMLE-4-options", metadata={"help": "questions with gold answers: hub id, or a local .jsonl/.json/.parquet file or save_to_disk folder (paper: MedQA)"})
+    dataset_config: str | None = field(default=None, metadata={"help": "hub dataset config name, if it has several"})
+    split: str = field(default="train", metadata={"help": "split to distill, for hub ids and save_to_disk folders (paper: MedQA train)"})
+    output: str = field(default="data/distill.jsonl", metadata={"help": "output JSONL (sft.py rows); sidecars <output>.done and <output>.stats.json"})
+    num_samples: int = field(default=4, metadata={"help": "teacher samples per question (paper: not stated)"})
+    keep: int = field(default=1, metadata={"help": "keep at most this many verified samples per question (paper: rejection sampling, counts not stated)"})
+    backend: str = field(default="vllm", metadata={"help": "teacher backend: vllm (local engine), hf (transformers; CPU/tests), openai (HTTP server)"})
+    base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "openai backend: server root (`vllm serve` listens on :8000/v1)"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai backend: environment variable holding the API key (unset: no key)"})
+    max_new_tokens: int = field(default=4096, metadata={"help": "teacher response cap in tokens; truncated samples are rejected (paper: SFT and RL use 4096)"})
+    temperature: float = field(default=0.6, metadata={"help": "sampling temperature (paper: not stated; QwQ-32B's card recommends 0.6)"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling (paper: not stated; QwQ-32B's card recommends 0.95)"})
+    limit: int | None = field(default=None, metadata={"help": "distill only the first N questions (after de-duplication / decontamination)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (hf: per call; openai: per request, if the server honours it)"})
+    questions_per_call: int = field(default=64, metadata={"help": "questions per generate() call (vllm, hf) or in flight (openai): the work a kill can lose"})
+    gen_batch_size: int = field(default=64, metadata={"help": "hf backend: sequences per forward batch"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend: GPUs per engine (QwQ-32B in bf16 fits on 2-4 80 GB GPUs)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm backend: fraction of GPU memory for weights + KV cache"})
+    max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length (None: the model's)"})
+    kv_cache_memory_bytes: int | None = field(default=None, metadata={"help": "vllm backend: KV cache size, overrides the fraction (CPU: 268435456)"})
+    concurrency: int = field(default=32, metadata={"help": "openai backend: requests in flight at once"})
+    request_timeout: float = field(default=600.0, metadata={"help": "openai backend: seconds per request before it is retried"})
+    max_retries: int = field(default=5, metadata={"help": "openai backend: retries per request (back-off 1, 2, 4, ... s, capped at 60, +-50%% jitter)"})
+    dedup: bool = field(default=True, metadata={"help": "drop repeated questions (same normalised text and options), keeping the first"})
+    decontaminate: list[str] = field(default_factory=list, metadata={"help": "evaluation sets whose questions must not leak into training: local files, or hub ids as id:split (split defaults to test)"})
+    ngram: int = field(default=13, metadata={"help": "decontamination: a question is dropped if it shares a word n-gram with an evaluation question"})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,14 +268,15 @@ def choice_text(choice: dict) -> str:
 
 
 def make_teacher(cfg: DistillConfig):
-    """sample(chunk, start) for the chosen backend: chunk = [(position, question)] from the slice that
-    starts at position `start`; seeds derive from positions, so a rerun of a slice draws the same."""
+    """teacher(todo) for the chosen backend: todo = [(position, question)] in order; yields
+    (position, question, samples) in the same order. Seeds derive from positions, so a rerun draws the
+    same samples (hf/vllm: for whole slices of `questions_per_call` it had not started)."""
+    n = cfg.num_samples
     if cfg.backend == "openai":
         api_key = os.environ.get(cfg.api_key_env, "")
         pool = ThreadPoolExecutor(max_workers=cfg.concurrency)
 
-        def one(args):
-            q, j, seed = args
+        def one(q, j, seed):
             body = {"model": cfg.teacher, "messages": [{"role": "user", "content": user_prompt(q)}],
                     "max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                     "seed": seed}
@@ -287,32 +290,41 @@ def make_teacher(cfg: DistillConfig):
                 tqdm.write(f"request failed for question {q['id']} sample {j}: {e}")
                 return None
 
-        def sample(chunk, start):
-            jobs = [(q, j, cfg.seed + i * cfg.num_samples + j) for i, q in chunk
-                    for j in range(cfg.num_samples)]
-            flat = list(pool.map(one, jobs))
-            return [flat[k * cfg.num_samples:(k + 1) * cfg.num_samples] for k in range(len(chunk))]
-        return sample
+        def teacher(todo):
+            # A sliding window of questions in flight keeps the pool busy while finished questions
+            # are written in order (a slow request delays the writing, not the other requests).
+            window = collections.deque()
+            for i, q in todo:
+                window.append((i, q, [pool.submit(one, q, j, cfg.seed + i * n + j) for j in range(n)]))
+                if len(window) >= cfg.questions_per_call:
+                    i0, q0, futures = window.popleft()
+                    yield i0, q0, [f.result() for f in futures]
+            for i0, q0, futures in window:
+                yield i0, q0, [f.result() for f in futures]
+        return teacher
 
     import generation
     engine = generation.load_engine(
         cfg.teacher, cfg.backend, tensor_parallel_size=cfg.tensor_parallel_size,
-        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len, seed=cfg.seed)
+        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len, seed=cfg.seed,
+        kv_cache_memory_bytes=cfg.kv_cache_memory_bytes)
 
-    def sample(chunk, start):
-        texts = [generation.chat_prompt(engine.processor, [{"role": "user", "content": user_prompt(q)}])
-                 for _, q in chunk]
-        outs = generation.generate(engine, [{"prompt": t} for t in texts], n=cfg.num_samples,
-                                   temperature=cfg.temperature, top_p=cfg.top_p,
-                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + start,
-                                   batch_size=cfg.gen_batch_size)
-        result = []
-        for t, comps in zip(texts, outs):
-            n_prompt = len(engine.tokenizer(t, add_special_tokens=False)["input_ids"])
-            result.append([{"text": c.text, "finish_reason": c.finish_reason, "prompt_tokens": n_prompt,
-                            "completion_tokens": len(c.token_ids)} for c in comps])
-        return result
-    return sample
+    def teacher(todo):
+        slices: dict[int, list] = {}  # fixed slices of the question list, so seeds do not shift on resume
+        for i, q in todo:
+            slices.setdefault(i // cfg.questions_per_call, []).append((i, q))
+        for k, chunk in sorted(slices.items()):
+            texts = [generation.chat_prompt(engine.processor, [{"role": "user", "content": user_prompt(q)}])
+                     for _, q in chunk]
+            outs = generation.generate(engine, [{"prompt": t} for t in texts], n=n,
+                                       temperature=cfg.temperature, top_p=cfg.top_p,
+                                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
+                                       seed=cfg.seed + k * cfg.questions_per_call * n)
+            for (i, q), t, comps in zip(chunk, texts, outs):
+                n_prompt = len(engine.tokenizer(t, add_special_tokens=False)["input_ids"])
+                yield i, q, [{"text": c.text, "finish_reason": c.finish_reason, "prompt_tokens": n_prompt,
+                              "completion_tokens": len(c.token_ids)} for c in comps]
+    return teacher
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -438,8 +450,9 @@ def main(cfg: DistillConfig) -> dict:
         questions = unique
     if cfg.decontaminate:
         index = set()
-        for path in cfg.decontaminate:
-            for row in load_rows(path):
+        for entry in cfg.decontaminate:  # a local file, or "hub_id:split" (GBaker/MedQA-USMLE-4-options:test)
+            path, split = (entry, "") if os.path.exists(entry) else entry.partition(":")[::2]
+            for row in load_rows(path, None, split or "test"):
                 for text in eval_question_texts(row):
                     index |= ngrams(text, cfg.ngram)
         clean = [q for q in questions if not (ngrams(q["question"], cfg.ngram) & index)]
@@ -458,49 +471,43 @@ def main(cfg: DistillConfig) -> dict:
           + (f", {dropped} unfinished/torn lines dropped" if dropped else "") + f"; {len(todo)} to go")
 
     # ---- 3. Teacher ----------------------------------------------------------------------------------
-    sample = make_teacher(cfg) if todo else None
+    teacher = make_teacher(cfg) if todo else None
 
     # ---- 4. Loop: sample -> normalise -> verify -> keep -> append rows, then the done record ---------
-    failed = 0
+    failed, kept_rows = 0, sum(d["kept"] for d in done.values())
     bar = tqdm(total=len(todo), desc="distill", unit="q")
     with open(cfg.output, "a") as out, open(cfg.output + ".done", "a") as done_f:
-        # Calls cover fixed slices of the question list, seeded by position, so a resumed run draws
-        # the same samples for whole slices it had not started.
-        for start in range(0, len(questions), cfg.questions_per_call):
-            chunk = [(i, q) for i, q in todo if start <= i < start + cfg.questions_per_call]
-            if not chunk:
+        for _, q, outs in teacher(todo):
+            bar.update(1)
+            if any(s is None for s in outs):
+                failed += 1  # not marked done: the next run retries it
                 continue
-            samples = sample(chunk, start)
-            for (i, q), outs in zip(chunk, samples):
-                bar.update(1)
-                if any(s is None for s in outs):
-                    failed += 1  # not marked done: the next run retries it
-                    continue
-                responses = [normalise_response(s["text"], q["options"])
-                             if s["finish_reason"] != "length" else None for s in outs]
-                scores = rewards.accuracy_reward([r or "" for r in responses], [q["gold"]] * len(outs),
-                                                 options=[q["options"]] * len(outs))
-                status = "gold_unparseable" if any(s is None for s in scores) else "ok"
-                good = [j for j, (r, s) in enumerate(zip(responses, scores)) if r is not None and s == 1.0]
-                pass_rate = len(good) / len(outs)
-                kept = good[:cfg.keep] if status == "ok" else []
-                append_jsonl(out, [{
-                    "messages": [{"role": "user", "content": user_prompt(q)},
-                                 {"role": "assistant", "content": responses[j]}],
-                    "question_id": q["id"], "sample": j, "teacher": cfg.teacher, "gold": q["gold"],
-                    "pass_rate": pass_rate, "prompt_tokens": outs[j]["prompt_tokens"],
-                    "completion_tokens": outs[j]["completion_tokens"],
-                } for j in kept])
-                record = {"question_id": q["id"], "status": status, "num_samples": len(outs),
-                          "num_correct": len(good), "kept": len(kept),
-                          "num_truncated": sum(s["finish_reason"] == "length" for s in outs),
-                          "num_unformatted": sum(r is None and s["finish_reason"] != "length"
-                                                 for r, s in zip(responses, outs)),
-                          "completion_tokens": [s["completion_tokens"] for s in outs],
-                          "kept_tokens": [outs[j]["completion_tokens"] for j in kept]}
-                append_jsonl(done_f, [record])
-                done[q["id"]] = record
-            bar.set_postfix(kept=sum(d["kept"] for d in done.values()))
+            responses = [normalise_response(s["text"], q["options"])
+                         if s["finish_reason"] != "length" else None for s in outs]
+            scores = rewards.accuracy_reward([r or "" for r in responses], [q["gold"]] * len(outs),
+                                             options=[q["options"]] * len(outs))
+            status = "gold_unparseable" if any(s is None for s in scores) else "ok"
+            good = [j for j, (r, s) in enumerate(zip(responses, scores)) if r is not None and s == 1.0]
+            pass_rate = len(good) / len(outs)
+            kept = good[:cfg.keep] if status == "ok" else []
+            append_jsonl(out, [{
+                "messages": [{"role": "user", "content": user_prompt(q)},
+                             {"role": "assistant", "content": responses[j]}],
+                "question_id": q["id"], "sample": j, "teacher": cfg.teacher, "gold": q["gold"],
+                "pass_rate": pass_rate, "prompt_tokens": outs[j]["prompt_tokens"],
+                "completion_tokens": outs[j]["completion_tokens"],
+            } for j in kept])
+            record = {"question_id": q["id"], "status": status, "num_samples": len(outs),
+                      "num_correct": len(good), "kept": len(kept),
+                      "num_truncated": sum(s["finish_reason"] == "length" for s in outs),
+                      "num_unformatted": sum(r is None and s["finish_reason"] != "length"
+                                             for r, s in zip(responses, outs)),
+                      "completion_tokens": [s["completion_tokens"] for s in outs],
+                      "kept_tokens": [outs[j]["completion_tokens"] for j in kept]}
+            append_jsonl(done_f, [record])
+            done[q["id"]] = record
+            kept_rows += len(kept)
+            bar.set_postfix(kept=kept_rows, refresh=False)
     bar.close()
 
     # ---- 5. Statistics -------------------------------------------------------------------------------

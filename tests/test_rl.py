@@ -249,7 +249,7 @@ def test_overlong_prompts_are_filtered_and_counted(tiny_vl_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- learning
-def adder_data(path, k=5):
+def adder_data(path, k=3):
     """Orz-math-shaped toy task: every "What is a + b?" with a, b < k."""
     pairs = [[{"from": "human", "value": f"What is {a} + {b}?"}, {"from": "assistant", "ground_truth": {"value": str(a + b)}}]
              for a in range(k) for b in range(k)]
@@ -258,9 +258,10 @@ def adder_data(path, k=5):
     return str(path)
 
 
-def sft_toy_adder(src, out, steps=150, lr=3e-3, k=5, seed=0):
-    """A brief plain-torch SFT of the tiny text model on the adder in the paper's answer format:
-    it learns the format and part of the sums (sampled accuracy ~0.3-0.4 after 150 steps)."""
+def sft_toy_adder(src, out, steps=150, lr=3e-3, k=3, noise=0.5, seed=0):
+    """A brief plain-torch SFT of the tiny text model on the adder in the paper's answer format, with a
+    wrong answer (uniform over the possible sums) in a `noise` fraction of the targets: the model learns
+    the format and the sums, but samples a wrong answer often, which RL can then fix."""
     import generation
     import rewards
     from transformers import AutoModelForCausalLM
@@ -275,8 +276,8 @@ def sft_toy_adder(src, out, steps=150, lr=3e-3, k=5, seed=0):
             a, b = rng.randrange(k), rng.randrange(k)
             p = tok(rl.build_prompt(tok, {"question": f"What is {a} + {b}?", "options": None, "images": []}),
                     add_special_tokens=False)["input_ids"]
-            c = tok(rewards.format_response(f"{a} + {b} = {a + b}", str(a + b)) + "<|im_end|>",
-                    add_special_tokens=False)["input_ids"]
+            ans = rng.randrange(2 * k - 1) if rng.random() < noise else a + b
+            c = tok(rewards.format_response(f"{a} + {b}", str(ans)) + "<|im_end|>", add_special_tokens=False)["input_ids"]
             ids.append(p + c)
             labels.append([-100] * len(p) + c)
         L = max(map(len, ids))
@@ -292,8 +293,8 @@ def sft_toy_adder(src, out, steps=150, lr=3e-3, k=5, seed=0):
     return str(out)
 
 
-def sampled_accuracy(model_dir, k=5, n=16):
-    """Mean reward of n samples (temperature 1) on every adder question: 25 x 16 = 400 samples."""
+def sampled_accuracy(model_dir, k=3, n=48):
+    """Mean reward of n samples (temperature 1) on every adder question: 9 x 48 = 432 samples."""
     import generation
     import rewards
     engine = generation.load_engine(model_dir, "hf")
@@ -307,15 +308,16 @@ def sampled_accuracy(model_dir, k=5, n=16):
 
 @pytest.mark.slow
 def test_grpo_raises_the_reward(tiny_text_dir, tmp_path):
-    """From a tiny model briefly fine-tuned on a toy adder (sampled accuracy ~0.35), 40 GRPO steps raise the
-    reward clearly: in the training log and on 400 fresh samples of the saved policy."""
+    """From a tiny model briefly fine-tuned on a noisy toy adder (sampled accuracy ~0.5), GRPO raises the
+    reward clearly: in the training log and on 432 fresh samples of the saved policy."""
     sft = sft_toy_adder(tiny_text_dir, tmp_path / "sft")
     data, out = adder_data(tmp_path / "add.json"), str(tmp_path / "rl")
     run_script("rl.py", "--backend", "hf", "--model_name_or_path", sft, "--dataset", data, "--output_dir", out,
-               "--max_steps", "40", "--prompts_per_step", "8", "--num_generations", "8", "--max_response_length", "24",
+               "--max_steps", "30", "--prompts_per_step", "8", "--num_generations", "8", "--max_response_length", "24",
                "--learning_rate", "3e-4", "--beta", "0", "--warmup_ratio", "0", "--micro_batch_size", "32",
                "--save_steps", "0", env=ENV)
     reward = [r["reward_mean"] for r in _read_log(out)]
-    assert sum(reward[-10:]) / 10 > sum(reward[:2]) / 2 + 0.05, reward
     before, after = sampled_accuracy(sft), sampled_accuracy(out)
-    assert after > before + 0.1, (before, after, reward)
+    print(f"sampled accuracy {before:.3f} -> {after:.3f}; rewards {reward}")
+    assert sum(reward[-10:]) / 10 > sum(reward[:3]) / 3 + 0.1, reward
+    assert after > before + 0.15, (before, after, reward)
