@@ -225,7 +225,7 @@ def normalise_response(text: str, options: dict | None) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Teachers: each returns, per question, num_samples dicts {text, completion_tokens, finish_reason}
+# Teachers: per question, num_samples dicts {text, finish_reason, prompt_tokens, completion_tokens}
 # (None for a request that failed for good)
 # ---------------------------------------------------------------------------------------------------
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -471,7 +471,7 @@ def main(cfg: DistillConfig) -> dict:
           + (f", {dropped} unfinished/torn lines dropped" if dropped else "") + f"; {len(todo)} to go")
 
     # ---- 3. Teacher ----------------------------------------------------------------------------------
-    teacher = make_teacher(cfg) if todo else None
+    teacher = make_teacher(cfg) if todo else (lambda todo: ())  # nothing to do: load no model
 
     # ---- 4. Loop: sample -> normalise -> verify -> keep -> append rows, then the done record ---------
     failed, kept_rows = 0, sum(d["kept"] for d in done.values())

@@ -13,18 +13,20 @@ Scoring (`accuracy_reward`), per item:
   one of the options; an option's text counts as its letter; "A" as an English article is not option A;
   no answer -> 0.0 (never a random letter).
 - free-form words (gold like "yes", "Evelyn"): normalised string match.
-- math: Math-Verify (`verify(gold, pred)`, gold first: it is asymmetric). Easy cases (numbers, fractions,
-  identical strings) are decided here without sympy; the rest go to worker processes with a hard
-  per-item timeout (Math-Verify's own timeout uses `signal.alarm`, which cannot interrupt C code and
-  only works on the main thread, so it is switched off and a stuck worker is killed instead).
+- math: Math-Verify's verdict (`verify(gold, pred)`, gold first: it is asymmetric). Easy cases are decided
+  here without sympy, following its rules: numbers and fractions exactly, expressions built from numbers,
+  + - * / ^, \\frac, \\sqrt, \\pi and one or two variables by their values at a few points, bracketed
+  tuples element by element. The rest go to worker processes with a hard per-item timeout (Math-Verify's
+  own timeout uses `signal.alarm`, which cannot interrupt C code and only works on the main thread, so it
+  is switched off and a stuck worker is killed instead). Results are cached: RL repeats each gold n times.
 - a gold that cannot be parsed -> None (skip the item and count it), never 1.0.
 
 Model output is untrusted: nothing here evaluates it as code (no eval, no sympy.sympify/parse_expr;
 Math-Verify parses LaTeX with its own grammar). Choices worth knowing: `28\\%` <- `0.28` is accepted
 (Math-Verify reads `%` as /100); `\\frac13` <- `0.3333333` is accepted, `0.333` is not (Math-Verify
 rounds to 6 decimals); easy cases are decided by exact value, so a few that Math-Verify misses pass
-(`x` <- `1*x`); a predicted answer longer than MAX_ANSWER_CHARS, nested deeper than MAX_DEPTH,
-or an explosive power (9^{9^9}, x^{10000000}) is scored 0 without calling sympy (unless it equals the gold as a string).
+(`x` <- `1*x`); a predicted answer longer than MAX_ANSWER_CHARS, nested deeper than MAX_DEPTH, or an
+explosive power (9^{9^9}, x^{10000000}) is scored 0 without calling sympy (unless it equals the gold).
 """
 
 import ast
@@ -338,8 +340,8 @@ def _evaluate(s: str):
     A tiny recursive-descent reader: nothing is evaluated as code. Used to decide easy math without sympy."""
     s = _canon(s).replace("\\cdot", "*").replace("\\times", "*").replace("\\dfrac", "\\frac")
     toks = _TOKEN.findall(s)
-    if not toks or len(toks) > 200 or "".join(toks) != s or re.search(r"\d\\frac", s):
-        return None  # (1\frac12 is a mixed number, 1.5, to Math-Verify: leave it to sympy)
+    if not toks or len(toks) > 200 or "".join(toks) != s or re.search(r"\d\\frac|[-+][-+]", s):
+        return None  # 1\frac12 is a mixed number (1.5) to Math-Verify, and --x it reads its own way
     names = sorted({t for t in toks if len(t) == 1 and t.isalpha()})
     if len(names) > 2 or "e" in names or "i" in names:  # e and i are constants to sympy
         return None
@@ -602,10 +604,21 @@ def _fast_math(gold: str, pred: str | None):
 
 @functools.lru_cache(maxsize=20_000)  # golds repeat across a prompt's rollouts
 def _mv_parse(s: str):
+    """Math-Verify's parse with its LaTeX extractor only: its plain-expression extractor hands text to
+    sympy's parse_expr (Python eval), which model output must never reach."""
     from math_verify import parse
     wrapped = s if ("$" in s or "\\boxed" in s or "\\(" in s or "\\[" in s) else f"${s}$"
-    out = parse(wrapped, parsing_timeout=None)
-    return out if out else parse(s, parsing_timeout=None)
+    return parse(wrapped, extraction_config=_latex_only(), parsing_timeout=None)
+
+
+@functools.cache
+def _latex_only():
+    """The LaTeX half of parse()'s default extraction config (its settings, not a copy of them)."""
+    import inspect
+
+    from math_verify import LatexExtractionConfig, parse
+    default = inspect.signature(parse).parameters["extraction_config"].default
+    return [c for c in default if isinstance(c, LatexExtractionConfig)] or [LatexExtractionConfig()]
 
 
 def _verify_item(gold: str, pred: str | None):

@@ -65,7 +65,8 @@ def make_items(n, rollouts, seed):
         elif kind < 0.85:  # LaTeX expressions (decided without sympy when they evaluate to numbers)
             k = rng.randint(2, 30)
             g = rng.choice([f"{k}\\sqrt{{2}}", f"{k}\\pi", f"x^2+{k}x", f"\\sqrt{{{k * k * 3}}}", f"({k},{k + 1})"])
-            right = {f"{k}\\sqrt{{2}}": [f"\\sqrt{{{2 * k * k}}}", f"{k}\\sqrt2"], f"{k}\\pi": [f"\\pi {k}", f"{k}\\pi"],
+            right = {f"{k}\\sqrt{{2}}": [f"\\sqrt{{{2 * k * k}}}", f"{k}\\sqrt2"],
+                     f"{k}\\pi": [f"\\pi {k}", f"{k}\\pi"],
                      f"x^2+{k}x": [f"x(x+{k})", f"{k}x+x^2"], f"\\sqrt{{{k * k * 3}}}": [f"{k}\\sqrt{{3}}"],
                      f"({k},{k + 1})": [f"({k}, {k + 1})"]}[g]
             wrong = [f"{k + 1}\\sqrt{{3}}", f"x^2+{k + 1}", f"({k + 1},{k})"]
@@ -121,7 +122,8 @@ def main():
     dt = time.perf_counter() - t
     print(f"  one RL step (1024 items): {dt * 1000:7.0f} ms")
 
-    hard = [i for i, (g, o) in enumerate(zip(golds, opts)) if o is None and ("\\{" in g or "=" in g or g.startswith("["))]
+    hard = [i for i, (g, o) in enumerate(zip(golds, opts))
+            if o is None and ("\\{" in g or "=" in g or g.startswith("["))]
     rewards._CACHE.clear()
     t = time.perf_counter()
     rewards.accuracy_reward([comps[i] for i in hard], [golds[i] for i in hard])

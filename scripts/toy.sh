@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RUN=${RUN_DIR:-runs/toy}
 SEED=${SEED:-0}
-BASE_STEPS=${BASE_STEPS:-900}    # stage 0: teaches reading drawn problems from scratch
+BASE_STEPS=${BASE_STEPS:-1500}   # stage 0: reading drawn problems is learned from scratch (slowest part)
 SFT_STEPS=${SFT_STEPS:-150}      # stage 1: gentle (few steps, vision frozen) so that reading is not overwritten
 SFT_LR=${SFT_LR:-6e-4}
 RL_STEPS=${RL_STEPS:-20}         # stage 2
@@ -44,7 +44,7 @@ timed "data + random model" "$RUN/random/config.json" bash -c "
 # Stage 0: the base VLM (plays Qwen2.5-VL-Instruct). Images are read by the vision tower, so it trains here.
 timed "stage 0: base VLM (sft.py, text + image rows)" "$RUN/base/config.json" \
   $PY sft.py --model_name_or_path "$RUN/random" --dataset "$RUN/data/sft/messages.jsonl" --output_dir "$RUN/base" \
-    --max_steps "$BASE_STEPS" --per_device_batch_size 32 --learning_rate 2e-3 --lr_schedule cosine \
+    --max_steps "$BASE_STEPS" --per_device_batch_size 32 --learning_rate 1.5e-3 --lr_schedule cosine \
     --warmup_ratio 0.04 --freeze_vision False --gradient_checkpointing False --max_length 512 \
     --save_steps 0 --seed "$SEED"
 

@@ -79,7 +79,7 @@ def test_distill_openai_against_vllm_serve(server, tmp_path):
     out = str(tmp_path / "medqa_distilled.jsonl")
     run_script("distill.py", "--backend", "openai", "--base_url", base_url, "--teacher", name,
                "--dataset", medqa, "--output", out, "--num_samples", "4", "--keep", "2",
-               "--max_new_tokens", "32", "--temperature", "0.6", "--concurrency", "4",
+               "--max_new_tokens", "32", "--temperature", "0.6", "--concurrency", "4", "--questions_per_call", "2",
                "--request_timeout", "60", "--max_retries", "2",
                env={"NO_PROXY": "127.0.0.1,localhost", "OPENAI_API_KEY": "unused-by-vllm"})
     rows, stats = check_output(out, name, len(MCQ), mcq=True)

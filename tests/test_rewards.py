@@ -22,7 +22,8 @@ def acc(pred_text, gold, options=None):
 def test_prompts_are_the_papers():
     p = R.train_prompt("What is 2+2?")
     assert p.startswith("You will solve a problem/request. You should provide your thoughts within <think> </think>")
-    assert p.endswith("Here is the question: What is 2+2?") and "\nWrite your final answer within <answer> </answer>" in p
+    assert p.endswith("Here is the question: What is 2+2?")
+    assert "\nWrite your final answer within <answer> </answer>" in p
     m = R.mcq_prompt("Is the earth flat?", ["Yes", "No"])
     assert "<answer>B: No</answer>" in m and m.endswith("Options: \n\nA: Yes\nB: No")
     assert "What is 1+1?" in R.math_prompt("What is 1+1?") and "<answer> answer here </answer>" in R.math_prompt("x")
@@ -94,7 +95,8 @@ def test_extract_linear_on_huge_text():
     ("28\\%", "\\boxed{28}", 1.0),
     ("\\frac13", "\\boxed{0.3333333}", 1.0), ("\\frac13", "\\boxed{0.333}", 0.0),
     ("\\frac34", "\\boxed{3/4}", 1.0), ("7425000", "\\boxed{7,425,000}", 1.0), ("10", "\\boxed{10\\text{ cm}}", 1.0),
-    ("5", "<answer>x=5</answer>", 1.0), ("(1,2]", "<answer>(1,2]</answer>", 1.0), ("(1,2]", "<answer>[1,2]</answer>", 0.0),
+    ("5", "<answer>x=5</answer>", 1.0),
+    ("(1,2]", "<answer>(1,2]</answer>", 1.0), ("(1,2]", "<answer>[1,2]</answer>", 0.0),
     ("\\{1,2,3\\}", "<answer>\\{3,2,1\\}</answer>", 1.0),
     ("(1,2)", "<answer>(1,2)</answer>", 1.0), ("(1,2)", "<answer>(2,1)</answer>", 0.0),  # ordered pairs
     ("4", "<answer>004</answer>", 1.0), ("2\\sqrt2", "<answer>\\sqrt8</answer>", 1.0),
@@ -229,7 +231,7 @@ def test_pool_restarts_in_a_forked_child():
     assert os.waitpid(pid, 0)[1] == 0
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(derandomize=True, max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(max_size=300), st.text(max_size=30))
 def test_property_random_unicode_never_raises(text, gold):
     assert R.extract_answer(text) is None or isinstance(R.extract_answer(text), str)
@@ -242,7 +244,7 @@ def test_property_random_unicode_never_raises(text, gold):
     assert out[0] in (0.0, 1.0, None) and out[1] in (0.0, 1.0)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(derandomize=True, max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 20_000), st.sampled_from(["{", "(", "[", "\\boxed{", "\\frac{", "<answer>", "^{", "\\sqrt{"]),
        st.sampled_from(["}", ")", "]", "", "</answer>", "x"]), st.sampled_from(["1", "<answer>", "\\boxed{", "9^"]))
 def test_property_nested_and_huge_never_raise_or_hang(depth, opening, closing, middle):
@@ -288,7 +290,8 @@ ATOMS = ["0", "2", "-4", "12", "0.5", "0.333333", "0.33333", "0.6666667", "1.414
          "\\frac{1}{3}", "\\frac23", "\\frac{4}{6}", "\\sqrt{2}", "\\sqrt8", "2\\sqrt2", "\\pi", "\\frac{\\pi}{2}",
          "x", "2x", "x^2+2x", "x(x+2)", "(x+1)^2", "x^2+2x+1", "y", "(1,2)", "(2,1)", "[1,2]", "(1,2]", "(1, 2)",
          "(\\frac12,3)", "(0.5,3)", "(3,4,5)", "5m", "5x", "x+5", "10\\text{ cm}", "\\frac{\\sqrt2}{2}",
-         "1,000,000", "x=5", "y=5", "5.0", "1\\frac12", "1.5", "(x^2)^3", "x^6", "2^{10}", "1024", "3-x", "\\sqrt[3]{27}", "3.0", "003", "\\dfrac{1}{2}", "1/2"]
+         "1,000,000", "x=5", "y=5", "5.0", "1\\frac12", "1.5", "(x^2)^3", "x^6", "2^{10}", "1024", "3-x",
+         "\\sqrt[3]{27}", "3.0", "003", "\\dfrac{1}{2}", "1/2"]
 
 
 def _fast_vs_math_verify(pairs):
@@ -333,7 +336,8 @@ def test_evaluate_is_a_small_safe_reader(s, want):
 @pytest.mark.parametrize("gold,pred,want", [
     ("5", "<answer>5 cm</answer>", 1.0), ("5", "<answer>5\\text{ apples}</answer>", 1.0),  # units dropped
     ("5", "<answer>5x</answer>", 0.0), ("x^2+6x", "<answer>7\\sqrt{3}</answer>", 0.0),
-    ("(3,4)", "<answer>(4,3)</answer>", 0.0), ("(3,4)", "<answer>x^2+4</answer>", 0.0), ("[3,4]", "<answer>[3, 4.0]</answer>", 1.0),
+    ("(3,4)", "<answer>(4,3)</answer>", 0.0), ("(3,4)", "<answer>x^2+4</answer>", 0.0),
+    ("[3,4]", "<answer>[3, 4.0]</answer>", 1.0),
     ("\\frac23", "<answer>0.666667</answer>", 1.0), ("\\frac23", "<answer>0.666666</answer>", 0.0),  # 6-decimal rule
     ("\\sqrt2", "<answer>1.414214</answer>", 1.0), ("\\sqrt2", "<answer>1.41421</answer>", 0.0),
     ("y=2x+1", "<answer>y=1+2x</answer>", 1.0), ("y=2x+1", "<answer>y=2x+2</answer>", 0.0),
@@ -349,9 +353,12 @@ def test_several_processes_at_once(tmp_path):
     """Like torchrun ranks: each process its own pool, sized by LOCAL_WORLD_SIZE, none in the other's way."""
     import subprocess
     import sys
-    code = ("import rewards as R; out = R.accuracy_reward(['<answer>\\\\{2,1\\\\}</answer>', '<answer>y=1+x</answer>'], "
-            "['\\\\{1,2\\\\}', 'y=x+1']); assert out == [1.0, 1.0], out; assert R._POOL.n == 1; print('ok')")
-    env = {**os.environ, "LOCAL_WORLD_SIZE": "2", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    code = ("import rewards as R\n"
+            "out = R.accuracy_reward(['<answer>\\\\{2,1\\\\}</answer>', '<answer>y=1+x</answer>'],\n"
+            "                        ['\\\\{1,2\\\\}', 'y=x+1'])\n"
+            "assert out == [1.0, 1.0], out\nassert R._POOL.n == 1\nprint('ok')")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "LOCAL_WORLD_SIZE": "2", "PYTHONPATH": root}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     for p in procs:
@@ -359,14 +366,15 @@ def test_several_processes_at_once(tmp_path):
         assert p.returncode == 0 and "ok" in out, err[-2000:]
 
 
-_LEAF = st.sampled_from(["1", "2", "3", "0.5", "x", "y", "\\pi", "\\sqrt{2}", "\\sqrt3", "\\frac12", "\\frac{3}{4}", "12"])
+_LEAF = st.sampled_from(["1", "2", "3", "0.5", "x", "y", "\\pi", "\\sqrt{2}", "\\sqrt3", "\\frac12", "\\frac{3}{4}",
+                         "12"])
 _EXPR = st.recursive(_LEAF, lambda c: st.one_of(
     st.tuples(c, st.sampled_from(["+", "-", "*", "/", "", "\\cdot "]), c).map(lambda t: f"({t[0]}{t[1]}{t[2]})"),
     c.map(lambda a: "-" + a), st.tuples(c, st.sampled_from(["2", "3", "{-1}"])).map(lambda t: f"{t[0]}^{t[1]}"),
     st.tuples(c, c).map(lambda t: f"\\frac{{{t[0]}}}{{{t[1]}}}"), c.map(lambda a: f"\\sqrt{{{a}}}")), max_leaves=5)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(derandomize=True, max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(_EXPR, _EXPR, st.sampled_from(["{}", "1*{}", "{}+0", "2*{}/2", "\\left({}\\right)", "{}+0*{}"]))
 def test_property_fast_path_agrees_with_math_verify(g, other, form):
     r = R._fast_math(R._clean_gold(g), other)  # a random other expression: Math-Verify's verdict

@@ -249,19 +249,24 @@ def test_overlong_prompts_are_filtered_and_counted(tiny_vl_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- learning
-def adder_data(path, k=3):
-    """Orz-math-shaped toy task: every "What is a + b?" with a, b < k."""
-    pairs = [[{"from": "human", "value": f"What is {a} + {b}?"}, {"from": "assistant", "ground_truth": {"value": str(a + b)}}]
-             for a in range(k) for b in range(k)]
+# Questions whose answer is always 4: a 2M-parameter model cannot learn to read and add from a long prompt
+# in a few minutes of CPU, but it can learn which answer earns the reward; that is what GRPO must show.
+FOURS = [(0, 4), (1, 3), (2, 2), (3, 1), (4, 0)]
+
+
+def adder_data(path, pairs=FOURS):
+    """Orz-math-shaped toy data: "What is a + b?" with its sum as the ground truth."""
+    rows = [[{"from": "human", "value": f"What is {a} + {b}?"}, {"from": "assistant", "ground_truth": {"value": str(a + b)}}]
+            for a, b in pairs]
     with open(path, "w") as f:
-        json.dump(pairs, f)
+        json.dump(rows, f)
     return str(path)
 
 
-def sft_toy_adder(src, out, steps=150, lr=3e-3, k=3, noise=0.5, seed=0):
-    """A brief plain-torch SFT of the tiny text model on the adder in the paper's answer format, with a
-    wrong answer (uniform over the possible sums) in a `noise` fraction of the targets: the model learns
-    the format and the sums, but samples a wrong answer often, which RL can then fix."""
+def sft_toy_adder(src, out, steps=80, lr=3e-3, noise=1.0, pairs=FOURS, seed=0):
+    """A brief plain-torch SFT of the tiny text model in the paper's answer format: `<think> a + b </think>
+    <answer>s</answer>`, where s is a uniformly random digit in a `noise` fraction of the targets (else the
+    sum). The model learns the format; how often it answers right is then up to RL."""
     import generation
     import rewards
     from transformers import AutoModelForCausalLM
@@ -273,10 +278,10 @@ def sft_toy_adder(src, out, steps=150, lr=3e-3, k=3, noise=0.5, seed=0):
     for _ in range(steps):
         ids, labels = [], []
         for _ in range(16):
-            a, b = rng.randrange(k), rng.randrange(k)
+            a, b = rng.choice(pairs)
             p = tok(rl.build_prompt(tok, {"question": f"What is {a} + {b}?", "options": None, "images": []}),
                     add_special_tokens=False)["input_ids"]
-            ans = rng.randrange(2 * k - 1) if rng.random() < noise else a + b
+            ans = rng.randrange(9) if rng.random() < noise else a + b
             c = tok(rewards.format_response(f"{a} + {b}", str(ans)) + "<|im_end|>", add_special_tokens=False)["input_ids"]
             ids.append(p + c)
             labels.append([-100] * len(p) + c)
@@ -293,27 +298,26 @@ def sft_toy_adder(src, out, steps=150, lr=3e-3, k=3, noise=0.5, seed=0):
     return str(out)
 
 
-def sampled_accuracy(model_dir, k=3, n=48):
-    """Mean reward of n samples (temperature 1) on every adder question: 9 x 48 = 432 samples."""
+def sampled_accuracy(model_dir, pairs=FOURS, n=64):
+    """Mean reward of n samples (temperature 1) per question: 5 x 64 = 320 samples."""
     import generation
     import rewards
     engine = generation.load_engine(model_dir, "hf")
-    qs = [(a, b) for a in range(k) for b in range(k)]
     prompts = [{"prompt": rl.build_prompt(engine.processor, {"question": f"What is {a} + {b}?", "options": None,
-                                                              "images": []})} for a, b in qs]
-    outs = generation.generate(engine, prompts, n=n, temperature=1.0, max_new_tokens=24, seed=123, batch_size=200)
-    r = rewards.accuracy_reward([c.text for o in outs for c in o], [str(a + b) for a, b in qs for _ in range(n)])
+                                                              "images": []})} for a, b in pairs]
+    outs = generation.generate(engine, prompts, n=n, temperature=1.0, max_new_tokens=24, seed=123, batch_size=160)
+    r = rewards.accuracy_reward([c.text for o in outs for c in o], [str(a + b) for a, b in pairs for _ in range(n)])
     return sum(r) / len(r)
 
 
 @pytest.mark.slow
 def test_grpo_raises_the_reward(tiny_text_dir, tmp_path):
-    """From a tiny model briefly fine-tuned on a noisy toy adder (sampled accuracy ~0.5), GRPO raises the
-    reward clearly: in the training log and on 432 fresh samples of the saved policy."""
+    """From a tiny model briefly fine-tuned on the answer format with random answers (reward ~1/9), 30 GRPO
+    steps raise the reward clearly: in the training log and on 320 fresh samples of the saved policy."""
     sft = sft_toy_adder(tiny_text_dir, tmp_path / "sft")
     data, out = adder_data(tmp_path / "add.json"), str(tmp_path / "rl")
     run_script("rl.py", "--backend", "hf", "--model_name_or_path", sft, "--dataset", data, "--output_dir", out,
-               "--max_steps", "30", "--prompts_per_step", "8", "--num_generations", "8", "--max_response_length", "24",
+               "--max_steps", "30", "--prompts_per_step", "5", "--num_generations", "8", "--max_response_length", "24",
                "--learning_rate", "3e-4", "--beta", "0", "--warmup_ratio", "0", "--micro_batch_size", "32",
                "--save_steps", "0", env=ENV)
     reward = [r["reward_mean"] for r in _read_log(out)]

@@ -14,10 +14,10 @@ def test_rl_vllm_two_steps_weights_synced(tiny_text_dir, tmp_path):
     from test_rl import _read_log, adder_data, sft_toy_adder
 
     # a model that sometimes answers right, so step 1 changes the weights (all-equal rewards would not)
-    sft = sft_toy_adder(tiny_text_dir, tmp_path / "sft", steps=60)
+    sft = sft_toy_adder(tiny_text_dir, tmp_path / "sft", steps=60, noise=0.5)
     data, out = adder_data(tmp_path / "add.json"), str(tmp_path / "rl")
     run_script("rl.py", "--backend", "vllm", "--model_name_or_path", sft, "--dataset", data, "--output_dir", out,
-               "--max_steps", "2", "--prompts_per_step", "8", "--num_generations", "4", "--max_response_length", "24",
+               "--max_steps", "2", "--prompts_per_step", "4", "--num_generations", "8", "--max_response_length", "24",
                "--learning_rate", "2e-3", "--warmup_ratio", "0", "--micro_batch_size", "32", "--save_steps", "0",
                "--vllm_dtype", "float32", "--vllm_kv_cache_memory_bytes", str(256 << 20),
                env={"OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
