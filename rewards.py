@@ -455,9 +455,11 @@ def _evaluate(s: str):
 
 
 def _tuple_parts(s: str):
-    """"(a,b]" -> ("(]", ["a", "b"]) for a bracketed list of 2+ items, else None."""
+    """"(a,b]" -> ("(]", ["a", "b"]), "\\{a,b\\}" -> ("{}", [...]) for a bracketed list of 2+ items, else None."""
     s = _canon(s)
-    if len(s) < 5 or s[0] not in "([" or s[-1] not in ")]":
+    if s.startswith("\\{") and s.endswith("\\}"):
+        s = "{" + s[2:-2] + "}"
+    elif len(s) < 5 or s[0] not in "([" or s[-1] not in ")]":
         return None
     parts, depth, start = [], 0, 1
     for j in range(1, len(s) - 1):
@@ -472,11 +474,14 @@ def _tuple_parts(s: str):
     return (s[0] + s[-1], parts) if len(parts) > 1 and depth == 0 else None
 
 
-def _scalars_equal(g: float, p: float):
-    """Math-Verify's rule for numbers (rounded to 6 decimals), where it is clear: 1.0 / 0.0 / None."""
+def _scalars_equal(g: float, p: float, strict: bool = False):
+    """Math-Verify's rule for numbers (rounded to 6 decimals), where it is clear: 1.0 / 0.0 / None.
+    strict: no rounding (what it does inside equations: x=\\sqrt2 is not x=1.414214)."""
     d = abs(g - p)
     if d <= 1e-12 * max(1.0, abs(g)):
         return 1.0
+    if strict:
+        return 0.0 if d > 1e-4 * max(1.0, abs(g)) else None
     if abs(g) > 1e6:  # floats are too coarse here to mimic the rounding
         return 0.0 if d > 1e-4 * abs(g) else None
     if d > 2e-6:
@@ -488,8 +493,23 @@ def _scalars_equal(g: float, p: float):
 _UNITLESS_VARS = set("xyznk")  # letters that are variables, never units (5m may mean 5 metres)
 
 
-def _compare_numeric(gold: str, pred: str):
+def _equation(s: str):
+    """"y = 2x+1" -> ("y", "2x+1") when the left side is one letter that the right side does not use."""
+    s = _canon(s)
+    lhs, _, rhs = s.partition("=")
+    ok = s.count("=") == 1 and re.fullmatch(r"[a-zA-Z]", lhs) and lhs not in _TOKEN.findall(rhs)
+    return (lhs, rhs) if ok else None
+
+
+def _compare_numeric(gold: str, pred: str, strict: bool = False):
     """Decide easy math without sympy: 1.0 / 0.0, or None to ask Math-Verify."""
+    if "=" in gold or "=" in pred:  # y=2x+1 <- y=1+2x or 2x+1; 5 <- x=5 (no rounding inside equations)
+        ge, pe = _equation(gold), _equation(pred)
+        if ge and pe:
+            return _compare_numeric(ge[1], pe[1], strict=True) if ge[0] == pe[0] else None
+        if ge and "=" not in pred or pe and "=" not in gold:
+            return _compare_numeric(ge[1] if ge else gold, pe[1] if pe else pred, strict=True)
+        return None
     gt, pt = _tuple_parts(gold), _tuple_parts(pred)
     if gt or pt:
         gvals = [_evaluate(x) for x in gt[1]] if gt else [_evaluate(gold)]
@@ -498,17 +518,27 @@ def _compare_numeric(gold: str, pred: str):
             return None
         if bool(gt) != bool(pt):
             return 0.0  # a tuple is never a single number or expression
-        if any(v[0] for v in gvals + pvals) or gt[0] != pt[0] or len(gvals) != len(pvals):
-            return None  # variables, (1,2] vs [1,2], or sizes differ: Math-Verify's call
-        # (a,b) and [a,b] are ordered for Math-Verify (pairs and intervals; sets are \{..\})
-        same = [_scalars_equal(a[1][0], b[1][0]) for a, b in zip(gvals, pvals)]
-        return 1.0 if all(s == 1.0 for s in same) else 0.0 if 0.0 in same else None
+        if any(v[0] for v in gvals + pvals) or (gt[0] == "{}") != (pt[0] == "{}"):
+            return None  # variables, or a set against a tuple: Math-Verify's call
+        gv, pv = [v[1][0] for v in gvals], [v[1][0] for v in pvals]
+        if gt[0] == "{}":  # sets: order and repeats do not matter
+            gv, pv = sorted(set(gv)), sorted(set(pv))
+            if len(gv) != len(pv):  # different sizes, unless near-equal members would merge
+                distinct = all(_scalars_equal(a, b) == 0.0 for v in (gv, pv) for a in v for b in v if a != b)
+                return 0.0 if distinct else None
+        elif len(gv) != len(pv):
+            return None
+        same = [_scalars_equal(a, b, strict) for a, b in zip(gv, pv)]
+        if all(s == 1.0 for s in same):
+            return 1.0 if gt[0] == pt[0] or len(gv) > 2 else 0.0  # (1,2) vs [1,2]: different intervals
+        # (a,b) and [a,b] are ordered for Math-Verify (pairs, intervals); longer tuples: its call
+        return 0.0 if 0.0 in same and (len(gv) == 2 or gt[0] == "{}") else None
     gv = _evaluate(gold)
     pv = _evaluate(pred) if gv is not None else None
     if pv is None:
         return None
     if not gv[0] and not pv[0]:
-        return _scalars_equal(gv[1][0], pv[1][0])
+        return _scalars_equal(gv[1][0], pv[1][0], strict)
     for a, b, s in ((gv, pv, pred), (pv, gv, gold)):  # an expression in x is not a number
         if not a[0] and b[0] and set(b[0]) <= _UNITLESS_VARS and "\\text" not in s and "\\mathrm" not in s:
             varies = max(b[1]) - min(b[1]) > 1e-6 * max(1.0, abs(b[1][0]))

@@ -379,7 +379,10 @@ def main(cfg: SFTConfig):
         if (projector and cfg.freeze_projector) or (vision and not projector and cfg.freeze_vision):
             p.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name is deprecated
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
 
@@ -406,7 +409,8 @@ def main(cfg: SFTConfig):
                 raise ValueError(f"{where}: {e}") from None
             counts["bad_rows"] += 1
             continue
-        if len(ex["ids"]) > cfg.max_length:
+        truncated = len(ex["ids"]) > cfg.max_length
+        if truncated:
             if cfg.overlong == "drop":
                 counts["dropped_overlong"] += 1
                 continue
@@ -415,18 +419,18 @@ def main(cfg: SFTConfig):
                 continue
             ex["ids"], ex["targets"] = ex["ids"][:cfg.max_length], ex["targets"][:cfg.max_length - 1] + [-100]
             ex["positions"] = None if ex["positions"] is None else ex["positions"][:, :cfg.max_length]
-            counts["truncated"] += 1
         ex["n_targets"] = sum(t != -100 for t in ex["targets"])
         if ex["n_targets"] == 0:
-            counts["dropped_no_target"] += 1
+            counts["dropped_no_target"] += 1  # e.g. the prompt alone is longer than max_length
             continue
+        counts["truncated"] += truncated
         # int32 tensors: Python int lists would take ~9x the memory (114k x 4096 tokens x 2 per process)
         ex["ids"], ex["targets"] = torch.tensor(ex["ids"], dtype=torch.int32), torch.tensor(ex["targets"], dtype=torch.int32)
         examples.append(ex)
     global_batch = world * cfg.gradient_accumulation_steps * cfg.per_device_batch_size
     steps_per_epoch = len(examples) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.dataset}: {len(examples)} usable examples, fewer than one global batch of {global_batch}")
+        raise ValueError(f"{cfg.dataset}: {len(examples)} usable examples ({json.dumps(counts)}), fewer than one global batch of {global_batch}")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     accelerator.print(f"model {cfg.model_name_or_path}: {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trained | "
                       f"data {json.dumps(counts)}, {len(examples)} examples | {total_steps} steps, "
@@ -451,6 +455,8 @@ def main(cfg: SFTConfig):
             f.writelines(line + "\n" for line in old if start_step and json.loads(line).get("step", 0) <= start_step)
     if log_with:
         accelerator.init_trackers("x-reasoner-sft", config=asdict(cfg))
+        if not accelerator.trackers:
+            accelerator.print(f"--report_to {cfg.report_to}: not installed; logging to log.jsonl only")
 
     def save_checkpoint(step: int):
         """Write checkpoint-{step} atomically: everything into a temp folder, then one rename."""

@@ -122,14 +122,17 @@ def main():
     dt = time.perf_counter() - t
     print(f"  one RL step (1024 items): {dt * 1000:7.0f} ms")
 
-    hard = [i for i, (g, o) in enumerate(zip(golds, opts))
-            if o is None and ("\\{" in g or "=" in g or g.startswith("["))]
+    # Items the fast path leaves to Math-Verify (rearranged equations, a set against a tuple, e^x...):
+    # the worker pool's own throughput.
+    hard_p = [f"y-{k}=2x" for k in range(100)] + [f"({k},{k + 1})" for k in range(100)] + [f"e^{k}" for k in range(100)]
+    hard_g = [f"y=2x+{k}" for k in range(100)] + [f"\\{{{k},{k + 1}\\}}" for k in range(100)] + \
+        [f"e^{{{k + k % 2}}}" for k in range(100)]
     rewards._CACHE.clear()
     t = time.perf_counter()
-    rewards.accuracy_reward([comps[i] for i in hard], [golds[i] for i in hard])
+    got = rewards.accuracy_reward([f"<answer>{p}</answer>" for p in hard_p], hard_g)
     dt = time.perf_counter() - t
-    print(f"  the {len(hard)} items that need sympy alone: {len(hard) / dt:6.0f} items/s "
-          f"({rewards.get_pool().n} worker processes)")
+    print(f"  {len(hard_p)} items only Math-Verify can decide: {len(hard_p) / dt:6.0f} items/s "
+          f"({rewards.get_pool().n} worker processes; mean reward {sum(got) / len(got):.2f})")
 
     nb = args.baseline_n or args.n
     t = time.perf_counter()

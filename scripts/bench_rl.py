@@ -86,6 +86,7 @@ def bench_trl(args, model, data, out):
         gradient_accumulation_steps=1, num_generations=G, max_completion_length=args.max_response_length,
         temperature=1.0, learning_rate=3e-6, beta=args.beta, epsilon=0.2, epsilon_high=0.28, loss_type="dapo",
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), bf16=False,
+        gradient_checkpointing=False,  # rl.py does not checkpoint either
         seed=0)
     tok = AutoTokenizer.from_pretrained(model)
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), args=config,

@@ -74,9 +74,12 @@ def text_question(a: int, b: int) -> str:
 
 
 def wrap(question: str, k: int) -> str:
-    """Stage 0 asks in both prompt formats the later stages use (training: rewards.train_prompt;
-    evaluation: rewards.math_prompt), so the base model's behaviour does not hinge on the wrapper."""
-    return rewards.train_prompt(question) if k % 2 == 0 else rewards.math_prompt(question)
+    """The toy's SFT rows ask in turn plainly and in both prompt formats the later stages use (training:
+    rewards.train_prompt; evaluation: rewards.math_prompt), so the model's behaviour does not hinge on
+    the wrapper. The plain rows matter: behind a 100-250-token wrapper a random 2M-parameter model did
+    not learn to find the problem at all in 800 steps (loss flat), while on plain rows it learns to copy
+    it in ~150; the wrappers are prefixes, so what it learns there carries over to wrapped rows."""
+    return [question, rewards.train_prompt(question), rewards.math_prompt(question)][k % 3]
 
 
 def chain_of_thought(a: int, b: int) -> str:

@@ -133,7 +133,7 @@ def test_messages_rows_render_with_the_image_in_place(toy_data_dir, tiny_vl_dir)
         rows = [json.loads(line) for line in f]
     solve_with_image = next(r for r in rows if r["images"] and "<answer>" in r["messages"][1]["content"][0]["text"])
     text = processor.apply_chat_template(solve_with_image["messages"], tokenize=False)
-    assert ": <|vision_start|><|image_pad|><|vision_end|>\nSolve the problem.\n(Answer with an integer.)<|im_end|>" in text
+    assert "<|vision_start|><|image_pad|><|vision_end|>\nSolve the problem.\n(Answer with an integer.)<|im_end|>" in text
 
 
 def test_cot_messages_shape(toy_data_dir):

@@ -223,10 +223,10 @@ def test_pool_kills_a_stuck_worker_and_recovers():
 
 
 def test_pool_restarts_in_a_forked_child():
-    R.accuracy_reward(["<answer>\\{2,1\\}</answer>"], ["\\{1,2\\}"])  # parent pool started
+    assert R.accuracy_reward(["<answer>y-1=2x</answer>"], ["y=2x+1"]) == [1.0]  # needs sympy: parent pool
     pid = os.fork()
     if pid == 0:  # child: its own pool, not the parent's workers
-        ok = R.accuracy_reward(["<answer>\\{3,1\\}</answer>"], ["\\{1,3\\}"]) == [1.0] and R._POOL.pid == os.getpid()
+        ok = R.accuracy_reward(["<answer>y-3=2x</answer>"], ["y=2x+3"]) == [1.0] and R._POOL.pid == os.getpid()
         os._exit(0 if ok else 1)
     assert os.waitpid(pid, 0)[1] == 0
 
@@ -291,7 +291,8 @@ ATOMS = ["0", "2", "-4", "12", "0.5", "0.333333", "0.33333", "0.6666667", "1.414
          "x", "2x", "x^2+2x", "x(x+2)", "(x+1)^2", "x^2+2x+1", "y", "(1,2)", "(2,1)", "[1,2]", "(1,2]", "(1, 2)",
          "(\\frac12,3)", "(0.5,3)", "(3,4,5)", "5m", "5x", "x+5", "10\\text{ cm}", "\\frac{\\sqrt2}{2}",
          "1,000,000", "x=5", "y=5", "5.0", "1\\frac12", "1.5", "(x^2)^3", "x^6", "2^{10}", "1024", "3-x",
-         "\\sqrt[3]{27}", "3.0", "003", "\\dfrac{1}{2}", "1/2"]
+         "\\sqrt[3]{27}", "3.0", "003", "\\dfrac{1}{2}", "1/2", "y=2x+1", "y=1+2x", "2x+1", "z=2x+1", "x=\\sqrt2",
+         "x=1.414214", "\\{1,2\\}", "\\{2,1,1\\}", "\\{1,3\\}", "\\{0.5,1,2\\}", "(1,2,3)", "[1,2,3]", "(3,2,1)"]
 
 
 def _fast_vs_math_verify(pairs):
@@ -343,6 +344,10 @@ def test_evaluate_is_a_small_safe_reader(s, want):
     ("y=2x+1", "<answer>y=1+2x</answer>", 1.0), ("y=2x+1", "<answer>y=2x+2</answer>", 0.0),
     ("1.5", "<answer>1\\frac12</answer>", 1.0), ("\\frac32", "<answer>1\\frac{1}{2}</answer>", 1.0),  # mixed numbers
     ("0.5", "<answer>1\\frac12</answer>", 0.0), ("x^6", "<answer>(x^2)^3</answer>", 1.0),
+    ("\\{1,2\\}", "<answer>\\{2,1,1\\}</answer>", 1.0), ("\\{1,2\\}", "<answer>\\{1,3\\}</answer>", 0.0),
+    ("(1,2)", "<answer>[1,2]</answer>", 0.0), ("(1,2,3)", "<answer>[1,2,3]</answer>", 1.0),
+    ("x=\\sqrt2", "<answer>\\sqrt2</answer>", 1.0), ("x=\\sqrt2", "<answer>x=1.414214</answer>", 0.0),
+    ("y=2x+1", "<answer>y-1=2x</answer>", 1.0), ("p=2\\pi", "<answer>p=\\pi 2</answer>", 1.0),
     ("x=5", "<answer>5</answer>", 1.0), ("x=5", "<answer>x=5.0</answer>", 1.0), ("x=5", "<answer>y=5</answer>", 0.0),
 ])
 def test_more_math(gold, pred, want):
@@ -354,7 +359,7 @@ def test_several_processes_at_once(tmp_path):
     import subprocess
     import sys
     code = ("import rewards as R\n"
-            "out = R.accuracy_reward(['<answer>\\\\{2,1\\\\}</answer>', '<answer>y=1+x</answer>'],\n"
+            "out = R.accuracy_reward(['<answer>(1,2)</answer>', '<answer>y-1=x</answer>'],\n"
             "                        ['\\\\{1,2\\\\}', 'y=x+1'])\n"
             "assert out == [1.0, 1.0], out\nassert R._POOL.n == 1\nprint('ok')")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

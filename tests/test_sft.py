@@ -272,3 +272,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_text_dir, sft_dat
     wa, wb = load_file(os.path.join(ref, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_load_rows_reads_parquet_and_save_to_disk(sft_data, tmp_path):
+    import datasets
+    rows, base = sft.load_rows(str(sft_data / "openthoughts.jsonl"))
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "ot.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved_dict"))
+    for path in ("ot.parquet", "saved", "saved_dict"):
+        got, _ = sft.load_rows(str(tmp_path / path))
+        assert len(got) == 64 and sft.row_to_conversation(got[3], "", False) == sft.row_to_conversation(rows[3], "", False)
