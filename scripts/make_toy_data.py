@@ -74,12 +74,13 @@ def text_question(a: int, b: int) -> str:
 
 
 def wrap(question: str, k: int) -> str:
-    """The toy's SFT rows ask in turn plainly and in both prompt formats the later stages use (training:
-    rewards.train_prompt; evaluation: rewards.math_prompt), so the model's behaviour does not hinge on
-    the wrapper. The plain rows matter: behind a 100-250-token wrapper a random 2M-parameter model did
+    """The toy's SFT rows mostly ask plainly, and in turn in both prompt formats the later stages use
+    (training: rewards.train_prompt; evaluation: rewards.math_prompt), so behaviour does not hinge on the
+    wrapper. Plain rows dominate because behind a 100-250-token wrapper a random 2M-parameter model did
     not learn to find the problem at all in 800 steps (loss flat), while on plain rows it learns to copy
-    it in ~150; the wrappers are prefixes, so what it learns there carries over to wrapped rows."""
-    return [question, rewards.train_prompt(question), rewards.math_prompt(question)][k % 3]
+    it in ~150; the wrappers are prefixes, so what it learns there can carry over to wrapped rows."""
+    return [question, question, rewards.train_prompt(question),
+            question, question, rewards.math_prompt(question)][k % 6]
 
 
 def chain_of_thought(a: int, b: int) -> str:
