@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # X-Reasoner in miniature, on the CPU: does reasoning learned from text alone carry over to images?
 #
-#   bash scripts/toy.sh            # ~20 min on 2 cores; writes runs/toy/{summary.json,report.md}
+#   bash scripts/toy.sh            # ~15 min on 2 idle cores; writes runs/toy/{summary.json,report.md}
 #
 # 0. a toy "base VLM": a random ~2M-parameter Qwen2.5-VL learns to read drawn two-digit additions and to
 #    answer text and image questions directly (sft.py on chat rows with images; vision tower trained)
-# 1. SFT on text-only chains of thought (sft.py, OpenThoughts-shaped rows; vision tower frozen)
+# 1. SFT on text-only chains of thought (sft.py; the OpenThoughts rows in the chat shape; vision frozen)
 # 2. GRPO on text-only problems with a verifiable reward (rl.py --backend hf, Orz-shaped rows)
 # 3. evaluation of base / SFT / SFT+RL on held-out problems as text and as images (evaluate.py),
 #    plus one rejection-sampling pass from the SFT model (distill.py)
@@ -18,8 +18,8 @@ PY=${PYTHON:-python}
 RUN=${RUN_DIR:-runs/toy}
 SEED=${SEED:-0}
 BASE_STEPS=${BASE_STEPS:-1500}   # stage 0: reading drawn problems is learned from scratch (slowest part)
-SFT_STEPS=${SFT_STEPS:-150}      # stage 1: gentle (few steps, vision frozen) so that reading is not overwritten
-SFT_LR=${SFT_LR:-6e-4}
+SFT_STEPS=${SFT_STEPS:-200}      # stage 1 (vision tower and projector frozen)
+SFT_LR=${SFT_LR:-1e-3}
 RL_STEPS=${RL_STEPS:-20}         # stage 2
 RL_PROMPTS=${RL_PROMPTS:-8}      # prompts per GRPO step (x 8 generations)
 RL_LR=${RL_LR:-3e-4}

@@ -114,6 +114,11 @@ def reading_verdict(before, after) -> str:
     return " (reading survived and is used inside the reasoning)."
 
 
+def change(delta: float, clear: float = 0.05) -> str:
+    """Name a change only when it is clearly beyond noise (5 points of accuracy / reward)."""
+    return "up" if delta > clear else "down" if delta < -clear else "no clear change"
+
+
 def pct(x):
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -160,7 +165,7 @@ def main():
         b, s = stages["base"], stages["sft"]
         findings.append(f"- SFT on text-only chains of thought moved held-out **text** accuracy from "
                         f"{pct(b['toy_text']['accuracy'])}% to {pct(s['toy_text']['accuracy'])}% "
-                        f"({'up' if s['toy_text']['accuracy'] > b['toy_text']['accuracy'] else 'NOT up'}).")
+                        f"({change(s['toy_text']['accuracy'] - b['toy_text']['accuracy'])}).")
         d = s["toy_image"]["accuracy"] - b["toy_image"]["accuracy"]
         findings.append(f"- On the same problems shown only as **images**, accuracy went from "
                         f"{pct(b['toy_image']['accuracy'])}% to {pct(s['toy_image']['accuracy'])}% "
@@ -171,9 +176,9 @@ def main():
                           f"{pct(b['toy_image']['restated'])}% -> {pct(s['toy_image']['restated'])}%"
                         + reading_verdict(b, s))
     if rl:
-        findings.append(f"- GRPO raised the mean training reward from {rl['reward_first']:.3f} (first {rl['k']} steps) "
+        findings.append(f"- GRPO moved the mean training reward from {rl['reward_first']:.3f} (first {rl['k']} steps) "
                         f"to {rl['reward_last']:.3f} (last {rl['k']} steps) over {rl['steps']} steps "
-                        f"({'up' if rl['reward_last'] > rl['reward_first'] else 'NOT up'}); mean response length "
+                        f"({change(rl['reward_last'] - rl['reward_first'])}); mean response length "
                         f"{rl['response_length_first']:.0f} -> {rl['response_length_last']:.0f} tokens.")
     if "sft" in stages and "rl" in stages:
         s, r = stages["sft"], stages["rl"]
