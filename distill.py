@@ -55,6 +55,7 @@ class DistillConfig:
     backend: str = field(default="vllm", metadata={"help": "teacher backend: vllm (local engine), hf (transformers; CPU/tests), openai (HTTP server)"})
     base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "openai backend: server root (`vllm serve` listens on :8000/v1)"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai backend: environment variable holding the API key (unset: no key)"})
+    prompt_template: str = field(default="paper", metadata={"help": "'paper': the paper's training / MCQ prompt; 'plain': the question alone (plain: for tiny toy models, which cannot find a problem behind the paper's long instructions)"})
     max_new_tokens: int = field(default=4096, metadata={"help": "teacher response cap in tokens; truncated samples are rejected (paper: SFT and RL use 4096)"})
     temperature: float = field(default=0.6, metadata={"help": "sampling temperature (paper: not stated; QwQ-32B's card recommends 0.6)"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling (paper: not stated; QwQ-32B's card recommends 0.95)"})
@@ -153,9 +154,9 @@ def normalise_question(row, i: int, source: str) -> dict:
     return {"id": qid, "question": question, "gold": gold, "options": None}
 
 
-def user_prompt(q: dict) -> str:
-    """The paper's training prompt (multiple choice: its MCQ prompt): the user turn of the SFT row."""
-    return rewards.mcq_prompt(q["question"], q["options"]) if q["options"] else rewards.train_prompt(q["question"])
+def user_prompt(q: dict, template: str = "paper") -> str:
+    """The paper's training prompt (multiple choice: its MCQ prompt; or the plain question): the user turn of the SFT row."""
+    return rewards.pose(q["question"], q["options"], template, kind="train")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ def make_teacher(cfg: DistillConfig):
         pool = ThreadPoolExecutor(max_workers=cfg.concurrency)
 
         def one(q, j, seed):
-            body = {"model": cfg.teacher, "messages": [{"role": "user", "content": user_prompt(q)}],
+            body = {"model": cfg.teacher, "messages": [{"role": "user", "content": user_prompt(q, cfg.prompt_template)}],
                     "max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                     "seed": seed}
             try:
@@ -314,7 +315,7 @@ def make_teacher(cfg: DistillConfig):
         for i, q in todo:
             slices.setdefault(i // cfg.questions_per_call, []).append((i, q))
         for k, chunk in sorted(slices.items()):
-            texts = [generation.chat_prompt(engine.processor, [{"role": "user", "content": user_prompt(q)}])
+            texts = [generation.chat_prompt(engine.processor, [{"role": "user", "content": user_prompt(q, cfg.prompt_template)}])
                      for _, q in chunk]
             outs = generation.generate(engine, [{"prompt": t} for t in texts], n=n,
                                        temperature=cfg.temperature, top_p=cfg.top_p,
@@ -491,7 +492,7 @@ def main(cfg: DistillConfig) -> dict:
             pass_rate = len(good) / len(outs)
             kept = good[:cfg.keep] if status == "ok" else []
             append_jsonl(out, [{
-                "messages": [{"role": "user", "content": user_prompt(q)},
+                "messages": [{"role": "user", "content": user_prompt(q, cfg.prompt_template)},
                              {"role": "assistant", "content": responses[j]}],
                 "question_id": q["id"], "sample": j, "teacher": cfg.teacher, "gold": q["gold"],
                 "pass_rate": pass_rate, "prompt_tokens": outs[j]["prompt_tokens"],

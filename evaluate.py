@@ -50,6 +50,9 @@ class Config:
     backend: str = "vllm"  # vllm (paper) | hf (transformers generate) | replay (scripted, tests only)
     # replay backend: JSONL of {"benchmark", "id", "responses": [...], "noimage_responses": [...]}
     replay_file: str | None = None
+    # 'paper': the paper's MCQ / R1-Zero math prompt; 'plain': the question alone, options below it
+    # (plain: for tiny toy models, which cannot find a problem behind the paper's long instructions)
+    prompt_template: str = "paper"
     max_new_tokens: int = 4096  # total cap on generated tokens (paper: 4096)
     # forced exit: after this many thinking tokens append </think> and let the model answer; 0 = off.
     # Paper: on, budget not stated; 3584 leaves 512 of the 4096 tokens for the answer.
@@ -348,16 +351,16 @@ def fit_pixels(image, max_pixels: int):
     return image
 
 
-def build_prompt(item: dict, processor, with_images: bool = True, max_pixels: int = 0) -> dict:
+def build_prompt(item: dict, processor, with_images: bool = True, max_pixels: int = 0, template: str = "paper") -> dict:
     """{"prompt": chat-templated text, "images": [...]} for generate(). Images sit where their
     `<image k>` placeholders are (MMMU interleaves them); images without one go first. Without images
     (a text model, or the text-solvable analysis) the placeholders are dropped."""
     if item["kind"] == "mcq":
         options = ({k: "(shown in the image)" for k in item["options"]} if item.get("options_in_image")
                    else item["options"])
-        text = rewards.mcq_prompt(item["question"], options)
+        text = rewards.pose(item["question"], options, template)
     else:
-        text = rewards.math_prompt(item["question"])
+        text = rewards.pose(item["question"], None, template, kind="math")
     images = [fit_pixels(im, max_pixels) for im in item["images"]] if with_images else []
     content, used, referenced = [], [], set()
     for j, part in enumerate(re.split(r"<image (\d+)>", text)):
@@ -601,7 +604,7 @@ def main(cfg: Config):
             for start in range(0, len(todo), cfg.batch_size):
                 chunk = todo[start:start + cfg.batch_size]
                 # ---- 3. Generate: k samples per item (forced exit inside generate) ------------------------
-                prompts = [build_prompt(it, processor, vlm, cfg.max_pixels) for it in chunk]
+                prompts = [build_prompt(it, processor, vlm, cfg.max_pixels, cfg.prompt_template) for it in chunk]
                 # Item p's samples use seeds seed + p * k + j: a resumed run (whole batches were written)
                 # draws the same samples as an uninterrupted one.
                 seed = cfg.seed + position[chunk[0]["id"]] * cfg.num_samples
@@ -609,7 +612,7 @@ def main(cfg: Config):
                 # ---- 4. Text-solvable analysis: the image items once more, without their images ---------
                 blind = [i for i, it in enumerate(chunk) if it["images"]] if cfg.text_solvable_removed and vlm else []
                 blind_outs = dict(zip(blind, sample(bench, [chunk[i] for i in blind],
-                                                    [build_prompt(chunk[i], processor, False) for i in blind],
+                                                    [build_prompt(chunk[i], processor, False, template=cfg.prompt_template) for i in blind],
                                                     "noimage_responses", seed + 10**6))) if blind else {}
                 # ---- 5. Score with rewards.py; one JSONL line per item --------------------------------------
                 lines = [json.dumps(rec, ensure_ascii=False) + "\n"

@@ -112,6 +112,25 @@ def mcq_prompt(question: str, options) -> str:
     return MCQ_PROMPT.format(question=question, options=format_options(options))
 
 
+PROMPT_TEMPLATES = ("paper", "plain")
+
+
+def pose(question: str, options=None, template: str = "paper", kind: str = "train") -> str:
+    """The user turn that asks a question, identical in every stage. template "paper": the paper's MCQ
+    prompt when there are options, else the training prompt (kind "train") or the math eval prompt
+    (kind "math"). template "plain": the question alone, options listed below it (for tiny toy models,
+    which cannot find a problem behind the paper's long instructions)."""
+    if template == "plain":
+        return f"{question}\n{format_options(options)}" if options else question
+    if template != "paper":
+        raise ValueError(f"prompt template must be one of {PROMPT_TEMPLATES}, got {template!r}")
+    if options:
+        return mcq_prompt(question, options)
+    if kind not in ("train", "math"):
+        raise ValueError(f"prompt kind must be 'train' or 'math', got {kind!r}")
+    return math_prompt(question) if kind == "math" else train_prompt(question)
+
+
 def format_response(thinking: str, answer: str) -> str:
     """The target format SFT teaches: <think>\\n...\\n</think>\\n<answer>...</answer>."""
     return f"{THINK_START}\n{thinking.strip()}\n{THINK_END}\n{ANSWER_START}{answer.strip()}{ANSWER_END}"

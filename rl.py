@@ -48,6 +48,7 @@ class Config:
     dataset: str = field(metadata={"help": "JSON / JSONL / Parquet file, a save_to_disk folder or a hub id (paper: Orz-math-57k)"})
     output_dir: str = field(metadata={"help": "checkpoints, log.jsonl, completions.jsonl and the final model"})
     dataset_split: str = field(default="train", metadata={"help": "split, for hub ids and save_to_disk folders"})
+    prompt_template: str = field(default="paper", metadata={"help": "'paper': the paper's training / MCQ prompt; 'plain': the question alone (plain: for tiny toy models, which cannot find a problem behind the paper's long instructions)"})
     max_prompt_length: int = field(default=1024, metadata={"help": "longer prompts are dropped (never truncated) and counted (paper: not stated)"})
     # generation
     backend: str = field(default="vllm", metadata={"help": "'vllm' (colocated engine, GPUs) or 'hf' (transformers generate: CPU, tests)"})
@@ -213,9 +214,9 @@ def open_images(row):
     return [Image.open(im).convert("RGB") if isinstance(im, str) else im.convert("RGB") for im in row["images"]]
 
 
-def build_prompt(processor, row):
-    """The paper's training prompt (or its multiple-choice prompt) in the chat template."""
-    text = rewards.mcq_prompt(row["question"], row["options"]) if row["options"] else rewards.train_prompt(row["question"])
+def build_prompt(processor, row, template="paper"):
+    """The paper's training prompt (or its multiple-choice prompt; or the plain question) in the chat template."""
+    text = rewards.pose(row["question"], row["options"], template, kind="train")
     content = [{"type": "image"} for _ in row["images"]] + [{"type": "text", "text": text}] if row["images"] else text
     return generation.chat_prompt(processor, [{"role": "user", "content": content}])
 
@@ -354,7 +355,7 @@ def main(cfg: Config):
     rows, num_filtered = [], 0
     for i, r in enumerate(raw):
         row = normalize_row(r, i, cfg.dataset)
-        row["prompt"] = build_prompt(processor, row)
+        row["prompt"] = build_prompt(processor, row, cfg.prompt_template)
         n = len(encode_prompt(processor, tokenizer, row["prompt"], open_images(row))[0]) if row["images"] else \
             len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
         if n > cfg.max_prompt_length:

@@ -6,8 +6,7 @@ Every file has the *real* dataset's shape, so the stage scripts run on it exactl
 
     sft/openthoughts.jsonl     OpenThoughts-114k: system, conversations [{from: user}, {from: assistant}]
                                with <|begin_of_thought|> ... <|end_of_solution|> (text-only CoT: stage 1)
-    sft/cot_messages.jsonl     the same text-only CoT rows as plain chat `messages`, asked in both of the
-                               project's prompt formats (the toy's stage 1: see make_cot_messages)
+    sft/cot_messages.jsonl     the same text-only CoT rows as plain chat `messages` (the toy's stage 1)
     sft/messages.jsonl         plain chat `messages` + `images` (paths relative to the file): the toy
                                "base VLM" lessons (stage 0): read the drawn problem, restate it, answer
     sft/images/*.png
@@ -71,16 +70,6 @@ def problem_text(a: int, b: int) -> str:
 
 def text_question(a: int, b: int) -> str:
     return f"{problem_text(a, b)}\n{SOLVE}{INTEGER_HINT}"
-
-
-def wrap(question: str, k: int) -> str:
-    """The toy's SFT rows mostly ask plainly, and in turn in both prompt formats the later stages use
-    (training: rewards.train_prompt; evaluation: rewards.math_prompt), so behaviour does not hinge on the
-    wrapper. Plain rows dominate because behind a 100-250-token wrapper a random 2M-parameter model did
-    not learn to find the problem at all in 800 steps (loss flat), while on plain rows it learns to copy
-    it in ~150; the wrappers are prefixes, so what it learns there can carry over to wrapped rows."""
-    return [question, question, rewards.train_prompt(question),
-            question, question, rewards.math_prompt(question)][k % 6]
 
 
 def chain_of_thought(a: int, b: int) -> str:
@@ -175,13 +164,12 @@ def make_openthoughts(train):
 
 
 def make_cot_messages(train):
-    """Text-only CoT rows in the chat shape. The questions alternate between rewards.train_prompt (what
-    sft.py and rl.py use) and rewards.math_prompt (what evaluate.py uses): a ~2M-parameter model does not
-    carry a behaviour across prompt wordings the way a 7B model does, and the toy tests transfer across
-    modalities, not across prompt wordings."""
-    return [{"messages": [{"role": "user", "content": wrap(text_question(a, b), i)},
+    """Text-only CoT rows in the chat shape, asked as every toy stage asks: rewards.pose(question,
+    template="plain"), the question alone (a ~2M-parameter model cannot find a problem behind the paper's
+    ~100-token instructions; toy.sh passes --prompt_template plain to rl.py, evaluate.py and distill.py)."""
+    return [{"messages": [{"role": "user", "content": rewards.pose(text_question(a, b), template="plain")},
                           {"role": "assistant", "content": rewards.format_response(chain_of_thought(a, b), str(a + b))}]}
-            for i, (a, b) in enumerate(train)]
+            for a, b in train]
 
 
 def image_question() -> str:
@@ -211,11 +199,11 @@ def make_base_messages(base, sft_dir, font, rng):
     for i, (a, b) in enumerate(base):
         kind = i % 4
         if kind == 2:
-            user, images, answer = wrap(text_question(a, b), i // 4), [], direct_response(a, b)
+            user, images, answer = rewards.pose(text_question(a, b), template="plain"), [], direct_response(a, b)
         else:
             images = [save_image(draw(problem_text(a, b), font), sft_dir, f"base_{i:05d}")]
             if kind == 3:
-                user, answer = wrap(image_question(), i // 4), direct_response(a, b)
+                user, answer = rewards.pose(image_question(), template="plain"), direct_response(a, b)
             else:
                 user, answer = f"<image 1>\n{READ}", problem_text(a, b)
         rows.append({"messages": [{"role": "user", "content": parts(user)},

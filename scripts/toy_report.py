@@ -197,7 +197,9 @@ A random ~2M-parameter Qwen2.5-VL-shaped model is taught to read drawn two-digit
 directly (stage 0, the stand-in for Qwen2.5-VL-Instruct); then it is post-trained the X-Reasoner way on
 **text only**: SFT on chains of thought (stage 1, sft.py) and GRPO with a verifiable reward (stage 2,
 rl.py). Held-out problems are evaluated (evaluate.py, greedy) as text and, the same problems, only as
-images. The question: does reasoning learned from text alone carry over to images?
+images. The question: does reasoning learned from text alone carry over to images? Every stage asks the
+question alone (`--prompt_template plain`, rewards.pose): behind the paper's ~100-token instructions a
+model this small does not find the problem at all.
 
 {table}
 

@@ -141,14 +141,32 @@ def test_cot_messages_shape(toy_data_dir):
 
     ds = load(toy_data_dir, "sft/cot_messages.jsonl")
     assert ds.column_names == ["messages"]
-    wrappers = set()
     for row in ds.select(range(20)):
         user, assistant = row["messages"]
         a, b = map(int, PROBLEM.search(user["content"]).groups())
-        wrappers.add(user["content"].startswith(rewards.train_prompt("")))
+        # asked exactly as rl.py / evaluate.py / distill.py ask with --prompt_template plain
+        assert user["content"] == rewards.pose(f"{a} + {b}\nSolve the problem.\n(Answer with an integer.)", template="plain")
         assert assistant["content"].startswith(f"<think>\n{a} + {b}\n")  # restate first, as in stage 0
         assert rewards.extract_answer(assistant["content"]) == str(a + b)
-    assert wrappers == {True, False}  # both prompt formats
+
+
+def test_pose_templates():
+    """rewards.pose: 'plain' is the question alone (options listed below it); 'paper' is the paper's prompts."""
+    import rewards
+
+    q = "37 + 48\nSolve the problem."
+    assert rewards.pose(q, template="plain") == q
+    assert rewards.pose(q, None, "plain", kind="math") == q
+    assert rewards.pose(q, ["85", "84"], "plain") == "37 + 48\nSolve the problem.\nA: 85\nB: 84"
+    assert rewards.pose(q, {"A": "85", "B": "84"}, "plain") == rewards.pose(q, ["85", "84"], "plain")
+    # the default is unchanged: the paper's training, math and MCQ prompts
+    assert rewards.pose(q) == rewards.train_prompt(q)
+    assert rewards.pose(q, kind="math") == rewards.math_prompt(q)
+    assert rewards.pose(q, ["85", "84"], kind="math") == rewards.mcq_prompt(q, ["85", "84"])
+    with pytest.raises(ValueError, match="template"):
+        rewards.pose(q, template="short")
+    with pytest.raises(ValueError, match="kind"):
+        rewards.pose(q, kind="eval")
 
 
 def test_orz_shape(toy_data_dir):
