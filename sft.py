@@ -362,10 +362,11 @@ def main(cfg: SFTConfig):
     cfg.gradient_accumulation_steps = accelerator.gradient_accumulation_steps  # a DeepSpeed config's value wins
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
-    resume_dir = list_checkpoints(cfg.output_dir)[-1] if cfg.resume and list_checkpoints(cfg.output_dir) else None
+    checkpoints = list_checkpoints(cfg.output_dir)
+    resume_dir = checkpoints[-1] if cfg.resume and checkpoints else None
     if cfg.resume and resume_dir is None:
         accelerator.print(f"--resume: no checkpoint in {cfg.output_dir}, starting from the beginning")
-    if not cfg.resume and list_checkpoints(cfg.output_dir):  # never mix two runs' checkpoints
+    if not cfg.resume and checkpoints:  # never mix two runs' checkpoints
         raise ValueError(f"{cfg.output_dir} holds checkpoints of an earlier run: pass --resume, or another --output_dir")
 
     model_cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
