@@ -5,7 +5,8 @@
 Every file has the *real* dataset's shape, so the stage scripts run on it exactly as on the hub data:
 
     sft/openthoughts.jsonl     OpenThoughts-114k: system, conversations [{from: user}, {from: assistant}]
-                               with <|begin_of_thought|> ... <|end_of_solution|> (text-only CoT: stage 1)
+                               with <|begin_of_thought|> ... <|end_of_solution|> (text-only CoT: stage 1;
+                               not verified: the teacher's slips are in, see below)
     sft/cot_messages.jsonl     the same text-only CoT rows as plain chat `messages` (the toy's stage 1)
     sft/messages.jsonl         plain chat `messages` + `images` (paths relative to the file): the toy
                                "base VLM" lessons (stage 0): read the drawn problem, restate it, answer
@@ -22,8 +23,14 @@ Every file has the *real* dataset's shape, so the stage scripts run on it exactl
     eval/images/*.png
 
 A problem is "a + b" with two-digit a and b; its chain of thought adds digit by digit with carries,
-which a ~2M-parameter model learns in minutes but cannot do reliably by answering directly. Images are
-the problem drawn in DejaVu Sans Mono Bold on a 168x28 white canvas (6 image tokens for the tiny VLM).
+which a ~2M-parameter model learns in minutes but cannot do reliably by answering directly. The stage-1
+chains come from an imperfect teacher: in --slip_rate (0.3) of the problems with a carry it forgets to
+carry the 1 into the tens, and its answer is 10 short. Fine-tuning imitates the slip (sampled, the model
+forgets the carry about as often); a verifiable reward is what removes it (GRPO, or distill.py's
+rejection sampling). --slip_rate 0 gives a perfect teacher.
+
+Images are the problem drawn in DejaVu Sans Mono Bold on a 168x28 white canvas, one character per 28-px
+cell: 6 image tokens for the tiny VLM, one per text token of "a + b".
 
 The split is by problem: every test problem (and its commuted twin, b + a) is kept out of all the
 training files. Deterministic: the same seed writes byte-identical files.
@@ -72,17 +79,25 @@ def text_question(a: int, b: int) -> str:
     return f"{problem_text(a, b)}\n{SOLVE}{INTEGER_HINT}"
 
 
-def chain_of_thought(a: int, b: int) -> str:
-    """Restate the problem, then add column by column with carries: what stage 1 teaches."""
+def chain_of_thought(a: int, b: int, slip: bool = False) -> str:
+    """Restate the problem, then add column by column with carries: what stage 1 teaches.
+    slip=True: the teacher forgets to carry the 1 into the tens (its answer is then wrong, by 10)."""
     lines = [problem_text(a, b)]
     ones = a % 10 + b % 10
     carry = ones // 10
     lines.append(f"Ones: {a % 10} + {b % 10} = {ones}" + (f", write {ones % 10} carry 1." if carry else "."))
+    if slip:
+        carry = 0
     tens = a // 10 + b // 10 + carry
     lines.append(f"Tens: {a // 10} + {b // 10}" + (" + 1" if carry else "") + f" = {tens}."
                  + (" Carry 1 to the hundreds." if tens >= 10 else ""))
-    lines.append(f"So {problem_text(a, b)} = {a + b}.")
+    lines.append(f"So {problem_text(a, b)} = {teacher_answer(a, b, slip)}.")
     return "\n".join(lines)
+
+
+def teacher_answer(a: int, b: int, slip: bool = False) -> int:
+    """The answer the teacher's chain ends with: 10 short where it forgot a carry."""
+    return a + b - 10 if slip and a % 10 + b % 10 >= 10 else a + b
 
 
 def direct_response(a: int, b: int) -> str:
@@ -127,13 +142,20 @@ def find_font():
 
 
 def draw(text: str, font) -> Image.Image:
-    """The problem in black, centred on a white canvas (no jitter: the tiny VLM reads centred text)."""
+    """The problem "a + b" in black on a white canvas, one character per 28-px cell ("4", "1", "+", blank,
+    "5", "8"): the six cells are the six image tokens (14-px patches, 2x2 merge) and the six text tokens of
+    "41 + 58" (digits are single tokens), so image token k shows what text token k says. Centred
+    free-flowing text worked for reading too, but text-only fine-tuning then erased the reading within
+    ~150 steps; with one character per token it survives (the model still restates the drawn problem)."""
     img = Image.new("RGB", IMAGE_SIZE, "white")
     d = ImageDraw.Draw(img)
-    left, top, right, bottom = d.textbbox((0, 0), text, font=font)
-    x = (IMAGE_SIZE[0] - (right - left)) // 2 - left
-    y = (IMAGE_SIZE[1] - (bottom - top)) // 2 - top
-    d.text((x, y), text, fill="black", font=font)
+    a, b = text.split(" + ")
+    cell = IMAGE_SIZE[0] // 6
+    for k, ch in enumerate([a[0], a[1], "+", "", b[0], b[1]]):
+        if ch:
+            left, top, right, bottom = d.textbbox((0, 0), ch, font=font)
+            d.text((k * cell + (cell - (right - left)) // 2 - left, (IMAGE_SIZE[1] - (bottom - top)) // 2 - top),
+                   ch, fill="black", font=font)
     return img
 
 
@@ -154,9 +176,9 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
 
 def make_openthoughts(train):
     rows = []
-    for a, b in train:
-        value = (f"<|begin_of_thought|>\n\n{chain_of_thought(a, b)}\n\n<|end_of_thought|>\n\n"
-                 f"<|begin_of_solution|>\n\n\\boxed{{{a + b}}}\n\n<|end_of_solution|>")
+    for a, b, slip in train:
+        value = (f"<|begin_of_thought|>\n\n{chain_of_thought(a, b, slip)}\n\n<|end_of_thought|>\n\n"
+                 f"<|begin_of_solution|>\n\n\\boxed{{{teacher_answer(a, b, slip)}}}\n\n<|end_of_solution|>")
         rows.append({"system": OPENTHOUGHTS_SYSTEM,
                      "conversations": [{"from": "user", "value": text_question(a, b)},
                                        {"from": "assistant", "value": value}]})
@@ -168,8 +190,9 @@ def make_cot_messages(train):
     template="plain"), the question alone (a ~2M-parameter model cannot find a problem behind the paper's
     ~100-token instructions; toy.sh passes --prompt_template plain to rl.py, evaluate.py and distill.py)."""
     return [{"messages": [{"role": "user", "content": rewards.pose(text_question(a, b), template="plain")},
-                          {"role": "assistant", "content": rewards.format_response(chain_of_thought(a, b), str(a + b))}]}
-            for a, b in train]
+                          {"role": "assistant", "content": rewards.format_response(chain_of_thought(a, b, slip),
+                                                                                   str(teacher_answer(a, b, slip)))}]}
+            for a, b, slip in train]
 
 
 def image_question() -> str:
@@ -322,6 +345,8 @@ def main():
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n_train", type=int, default=2000, help="text CoT rows (sft/openthoughts.jsonl, sft/cot_messages.jsonl)")
+    parser.add_argument("--slip_rate", type=float, default=0.3,
+                        help="fraction of the CoT rows with a carry in which the teacher forgets it (wrong answer)")
     parser.add_argument("--n_base", type=int, default=1500, help="stage-0 rows (sft/messages.jsonl), 3/4 with images")
     parser.add_argument("--n_rl", type=int, default=1000, help="RL problems (rl/orz_math.json)")
     parser.add_argument("--n_test", type=int, default=200, help="toy_text / toy_image test problems")
@@ -353,8 +378,10 @@ def main():
     chunks = [bench[k * args.n_bench:(k + 1) * args.n_bench] for k in range(5)]
 
     sft_dir, eval_dir = os.path.join(out, "sft"), os.path.join(out, "eval")
-    write_jsonl(os.path.join(sft_dir, "openthoughts.jsonl"), make_openthoughts(take(args.n_train, 0)))
-    write_jsonl(os.path.join(sft_dir, "cot_messages.jsonl"), make_cot_messages(take(args.n_train, 0)))
+    slip_rng = random.Random(args.seed + 1)
+    cot = [(a, b, a % 10 + b % 10 >= 10 and slip_rng.random() < args.slip_rate) for a, b in take(args.n_train, 0)]
+    write_jsonl(os.path.join(sft_dir, "openthoughts.jsonl"), make_openthoughts(cot))
+    write_jsonl(os.path.join(sft_dir, "cot_messages.jsonl"), make_cot_messages(cot))
     write_jsonl(os.path.join(sft_dir, "messages.jsonl"),
                 make_base_messages(take(args.n_base, args.n_train), sft_dir, font, rng))
     with open(os.path.join(out, "rl", "orz_math.json"), "w", encoding="utf-8") as f:

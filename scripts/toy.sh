@@ -18,13 +18,15 @@ PY=${PYTHON:-python}
 RUN=${RUN_DIR:-runs/toy}
 SEED=${SEED:-0}
 BASE_STEPS=${BASE_STEPS:-1500}   # stage 0: reading drawn problems is learned from scratch (slowest part)
-SFT_STEPS=${SFT_STEPS:-500}      # stage 1 (vision tower and projector frozen)
+SFT_STEPS=${SFT_STEPS:-1000}     # stage 1 (vision tower and projector frozen)
 SFT_LR=${SFT_LR:-1e-3}
-RL_STEPS=${RL_STEPS:-20}         # stage 2
+RL_STEPS=${RL_STEPS:-30}         # stage 2
 RL_PROMPTS=${RL_PROMPTS:-16}     # prompts per GRPO step (x 8 generations)
-RL_LR=${RL_LR:-3e-5}             # 1e-4 and 3e-4 made this tiny policy's reward fall (its entropy rose)
+RL_LR=${RL_LR:-3e-5}             # 1e-4 and above: the policy-gradient noise erodes the tiny model's arithmetic
 N_TEST=${N_TEST:-200}            # held-out problems, each asked as text and as an image
 DISTILL_N=${DISTILL_N:-64}       # questions for the distillation pass
+SLIP_RATE=${SLIP_RATE:-0.3}      # stage 1's teacher forgets the carry in this fraction of its carry problems
+T1_SAMPLES=${T1_SAMPLES:-4}      # samples per held-out text problem at temperature 1 (what GRPO optimises)
 export TOKENIZERS_PARALLELISM=false
 # One thread per process: on a CPU shared with other work, two spinning OpenMP threads made steps ~10x slower.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -40,7 +42,7 @@ timed() {  # timed NAME OUTPUT CMD...: run CMD unless OUTPUT exists; record its 
 }
 
 timed "data + random model" "$RUN/random/config.json" bash -c "
-  $PY scripts/make_toy_data.py --output_dir $RUN/data --seed $SEED --n_base 6000 --n_train 4000 --n_rl 2000 --n_test $N_TEST &&
+  $PY scripts/make_toy_data.py --output_dir $RUN/data --seed $SEED --n_base 6000 --n_train 4000 --n_rl 2000 --n_test $N_TEST --slip_rate $SLIP_RATE &&
   $PY scripts/toy_model.py --output_dir $RUN/random --seed $SEED"
 
 # Stage 0: the base VLM (plays Qwen2.5-VL-Instruct). Images are read by the vision tower, so it trains here.
@@ -73,6 +75,14 @@ for stage in base sft rl; do
       --data_dir "$RUN/data/eval" --output_dir "$RUN/eval/$stage" --backend hf --max_new_tokens 160 \
       --prompt_template plain --think_budget 0 --num_samples 1 --temperature 0
   touch "$RUN/eval/$stage/done"  # evaluate.py writes summary.json after each benchmark: mark the end
+done
+# ... and sampled at temperature 1 (the reward GRPO raises), on the held-out text problems
+for stage in sft rl; do
+  timed "stage 3: evaluate $stage sampled at T=1 (evaluate.py)" "$RUN/eval/${stage}_t1/done" \
+    $PY evaluate.py --model_name_or_path "$RUN/$stage" --benchmarks toy_text \
+      --data_dir "$RUN/data/eval" --output_dir "$RUN/eval/${stage}_t1" --backend hf --max_new_tokens 160 \
+      --prompt_template plain --think_budget 0 --num_samples "$T1_SAMPLES" --temperature 1.0 --seed "$SEED"
+  touch "$RUN/eval/${stage}_t1/done"
 done
 
 # Distillation: rejection sampling from the SFT model on training problems (keeps verified samples only).

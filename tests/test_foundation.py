@@ -99,7 +99,40 @@ def test_openthoughts_shape(toy_data_dir):
         v = assistant["value"]
         assert v.startswith("<|begin_of_thought|>") and v.endswith("<|end_of_solution|>")
         assert "<|end_of_thought|>" in v and "<|begin_of_solution|>" in v
-        assert f"\\boxed{{{a + b}}}" in v.split("<|begin_of_solution|>")[1]
+        assert f"\\boxed{{{teacher_answer(a, b, v)}}}" in v.split("<|begin_of_solution|>")[1]
+
+
+def teacher_answer(a, b, response):
+    """The toy teacher's answer: a + b, or a + b - 10 where it forgot a carry (no "+ 1" in its tens line)."""
+    carry = a % 10 + b % 10 >= 10
+    slip = carry and f"Tens: {a // 10} + {b // 10} = " in response
+    assert slip or not carry or f"Tens: {a // 10} + {b // 10} + 1 = " in response
+    return a + b - 10 if slip else a + b
+
+
+def slips(path):
+    """(carry problems, slipped ones) over a CoT file."""
+    carries = slipped = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            user, answer = (row["messages"][0]["content"], row["messages"][1]["content"]) if "messages" in row else \
+                (row["conversations"][0]["value"], row["conversations"][1]["value"])
+            a, b = map(int, PROBLEM.search(user).groups())
+            carries += a % 10 + b % 10 >= 10
+            slipped += teacher_answer(a, b, answer) != a + b
+    return carries, slipped
+
+
+def test_stage1_teacher_slips_only_where_asked(toy_data_dir, tmp_path):
+    """Stage 1's teacher forgets the carry in --slip_rate of its carry problems (default 0.3), the same rows
+    in both shapes; --slip_rate 0 writes only correct chains."""
+    carries, slipped = slips(os.path.join(toy_data_dir, "sft/cot_messages.jsonl"))
+    assert (carries, slipped) == slips(os.path.join(toy_data_dir, "sft/openthoughts.jsonl"))
+    assert carries > 500 and abs(slipped / carries - 0.3) < 0.05
+    run_script("scripts/make_toy_data.py", "--output_dir", str(tmp_path), "--slip_rate", "0", "--n_train", "500")
+    carries, slipped = slips(str(tmp_path / "sft/cot_messages.jsonl"))
+    assert carries > 100 and slipped == 0
 
 
 def test_messages_shape(toy_data_dir):
@@ -147,7 +180,7 @@ def test_cot_messages_shape(toy_data_dir):
         # asked exactly as rl.py / evaluate.py / distill.py ask with --prompt_template plain
         assert user["content"] == rewards.pose(f"{a} + {b}\nSolve the problem.\n(Answer with an integer.)", template="plain")
         assert assistant["content"].startswith(f"<think>\n{a} + {b}\n")  # restate first, as in stage 0
-        assert rewards.extract_answer(assistant["content"]) == str(a + b)
+        assert rewards.extract_answer(assistant["content"]) == str(teacher_answer(a, b, assistant["content"]))
 
 
 def test_pose_templates():

@@ -26,6 +26,9 @@ def test_toy_pipeline_end_to_end(tmp_path):
             s = summary["stages"][stage][bench]
             assert s["items"] == 16 and 0 <= s["accuracy"] <= 1 and 0 <= s["restated"] <= 1
         assert 0 <= summary["stages"][stage]["ocr"] <= 1
+    for stage in ("sft", "rl"):  # sampled at temperature 1: 4 samples of each held-out text problem
+        t1 = summary["stages"][stage]["toy_text_t1"]
+        assert t1["samples"] == 4 and t1["items"] == 16 and 0 <= t1["accuracy"] <= 1 and 0 <= t1["forgot_carry"] <= 1
     assert summary["rl"]["steps"] == 3
     assert summary["distill"] is not None
     assert set(summary["timings_s"]) >= {"stage 0: base VLM (sft.py, text + image rows)", "stage 1: text-only CoT SFT (sft.py)",
@@ -38,4 +41,15 @@ def test_toy_pipeline_end_to_end(tmp_path):
 
     # a second call skips every finished stage and only rewrites the report
     again = subprocess.run(["bash", "scripts/toy.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("skipped") >= 6
+    assert again.returncode == 0 and again.stdout.count("skipped") >= 8
+
+
+def test_report_spots_a_forgotten_carry():
+    """The report's slip diagnostic: a chain for a carry problem whose tens line does not add the carry."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from make_toy_data import chain_of_thought
+    from toy_report import forgot_carry
+
+    assert forgot_carry(chain_of_thought(23, 38, slip=True), "23 + 38")
+    assert not forgot_carry(chain_of_thought(23, 38), "23 + 38")
+    assert not forgot_carry(chain_of_thought(23, 31, slip=True), "23 + 31")  # no carry: nothing to forget
