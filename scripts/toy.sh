@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # X-Reasoner in miniature, on the CPU: does reasoning learned from text alone carry over to images?
 #
-#   bash scripts/toy.sh            # ~14 min on 2 cores shared with another job; writes runs/toy/{summary.json,report.md}
+#   bash scripts/toy.sh            # ~18 min on 2 cores; writes runs/toy/{summary.json,report.md}
 #
 # 0. a toy "base VLM": a random ~2M-parameter Qwen2.5-VL learns to read drawn two-digit additions and to
 #    answer text and image questions directly (sft.py on chat rows with images; vision tower trained)
-# 1. SFT on text-only chains of thought (sft.py; the OpenThoughts rows in the chat shape; vision frozen)
+# 1. SFT on text-only chains of thought (sft.py; the OpenThoughts rows in the chat shape; vision frozen),
+#    written by an imperfect teacher that forgets the carry in 30% of its carry problems
 # 2. GRPO on text-only problems with a verifiable reward (rl.py --backend hf, Orz-shaped rows)
-# 3. evaluation of base / SFT / SFT+RL on held-out problems as text and as images (evaluate.py),
-#    plus one rejection-sampling pass from the SFT model (distill.py)
+# 3. evaluation of base / SFT / SFT+RL on held-out problems as text and as images, greedy, and of SFT and
+#    SFT+RL on the text problems sampled at temperature 1 (evaluate.py), plus one rejection-sampling pass
+#    from the SFT model (distill.py)
 # A stage whose output exists is skipped, so an interrupted run continues where it stopped; delete
 # runs/toy (or set RUN_DIR) for a fresh run. Every size below can be overridden from the environment.
 set -euo pipefail

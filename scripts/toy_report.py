@@ -50,6 +50,17 @@ def forgot_carry(response: str, problem: str) -> bool:
     return a % 10 + b % 10 >= 10 and f"Tens: {a // 10} + {b // 10} = " in response
 
 
+def teacher_slip_rate(cot_file):
+    """How often the stage-1 teacher's chains forgot a needed carry (over its carry problems)."""
+    carry = []
+    for row in read_jsonl(cot_file):
+        user, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        problem = PROBLEM.search(user).group(0)
+        if sum(int(x) % 10 for x in problem.split(" + ")) >= 10:
+            carry.append(forgot_carry(answer, problem))
+    return sum(carry) / max(len(carry), 1)
+
+
 def sampled_metrics(eval_dir, problems):
     """Accuracy of temperature-1 samples on the held-out text problems (avg@k) and how often the
     chains that needed a carry forgot it."""
@@ -211,13 +222,15 @@ def main():
                         f"{rl['response_length_first']:.0f} -> {rl['response_length_last']:.0f} tokens.")
     if "sft" in stages and "rl" in stages:
         s, r = stages["sft"], stages["rl"]
+        cot_file = os.path.join(run, "data", "sft", "cot_messages.jsonl")
+        teacher = teacher_slip_rate(cot_file) if os.path.exists(cot_file) else None
         if "toy_text_t1" in s and "toy_text_t1" in r:
             a, b = s["toy_text_t1"], r["toy_text_t1"]
             findings.append(f"- On held-out text problems sampled at temperature 1 ({a['samples']} samples each), accuracy "
                             f"went from {pct(a['accuracy'])}% after SFT to {pct(b['accuracy'])}% after GRPO "
                             f"({change(b['accuracy'] - a['accuracy'])}); chains that needed a carry forgot it "
-                            f"{pct(a['forgot_carry'])}% -> {pct(b['forgot_carry'])}% of the time (the SFT teacher "
-                            f"forgot it in 30% of its carry problems by default: SFT imitates the slip, the reward removes it).")
+                            f"{pct(a['forgot_carry'])}% -> {pct(b['forgot_carry'])}% of the time (stage 1's teacher forgot it in "
+                            f"{pct(teacher)}% of its carry problems: SFT imitates the slip, the reward removes it).")
         findings.append(f"- Greedy, after GRPO: text {pct(s['toy_text']['accuracy'])}% -> {pct(r['toy_text']['accuracy'])}%, "
                         f"image {pct(s['toy_image']['accuracy'])}% -> {pct(r['toy_image']['accuracy'])}%.")
     if distill:
@@ -228,6 +241,8 @@ def main():
                         f"does not get back into the data.")
 
     summary = {"stages": stages, "rl": rl, "distill": distill, "timings_s": timings}
+    if "sft" in stages and "rl" in stages:
+        summary["teacher_forgot_carry"] = teacher
     with open(os.path.join(run, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     total = sum(timings.values())
@@ -241,9 +256,9 @@ images. The question: does reasoning learned from text alone carry over to image
 question alone (`--prompt_template plain`, rewards.pose): behind the paper's ~100-token instructions a
 model this small does not find the problem at all.
 
-The stage-1 chains come from an imperfect teacher that forgets the carry into the tens in 30% of the
-problems that have one (`make_toy_data.py --slip_rate`), as unverified distilled data does: SFT copies the
-slip, and GRPO's verifiable reward is what removes it. The greedy columns barely show this (the slip is
+The stage-1 chains come from an imperfect teacher that forgets the carry into the tens in some of the
+problems that have one (`make_toy_data.py --slip_rate`, 0.3 by default), as unverified distilled data
+does: SFT copies the slip, and GRPO's verifiable reward is what removes it. The greedy columns barely show this (the slip is
 the less likely branch); the sampled columns do, and temperature-1 samples are what GRPO is trained on.
 
 {table}
