@@ -95,9 +95,14 @@ def chain_of_thought(a: int, b: int, slip: bool = False) -> str:
     return "\n".join(lines)
 
 
+def has_carry(a: int, b: int) -> bool:
+    """The ones column carries into the tens (what the stage-1 teacher sometimes forgets)."""
+    return a % 10 + b % 10 >= 10
+
+
 def teacher_answer(a: int, b: int, slip: bool = False) -> int:
     """The answer the teacher's chain ends with: 10 short where it forgot a carry."""
-    return a + b - 10 if slip and a % 10 + b % 10 >= 10 else a + b
+    return a + b - 10 if slip and has_carry(a, b) else a + b
 
 
 def direct_response(a: int, b: int) -> str:
@@ -379,7 +384,7 @@ def main():
 
     sft_dir, eval_dir = os.path.join(out, "sft"), os.path.join(out, "eval")
     slip_rng = random.Random(args.seed + 1)
-    cot = [(a, b, a % 10 + b % 10 >= 10 and slip_rng.random() < args.slip_rate) for a, b in take(args.n_train, 0)]
+    cot = [(a, b, has_carry(a, b) and slip_rng.random() < args.slip_rate) for a, b in take(args.n_train, 0)]
     write_jsonl(os.path.join(sft_dir, "openthoughts.jsonl"), make_openthoughts(cot))
     write_jsonl(os.path.join(sft_dir, "cot_messages.jsonl"), make_cot_messages(cot))
     write_jsonl(os.path.join(sft_dir, "messages.jsonl"),

@@ -21,7 +21,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from make_toy_data import READ, parts  # noqa: E402
+from make_toy_data import READ, has_carry, parts  # noqa: E402
 
 STAGES = [("base", "stage 0: toy base VLM"), ("sft", "stage 1: + text-only CoT SFT"),
           ("rl", "stage 2: + text-only GRPO")]
@@ -47,18 +47,20 @@ def restated(response: str, problem: str) -> bool:
 def forgot_carry(response: str, problem: str) -> bool:
     """The chain has a carry in the ones but its tens line does not add it (the stage-1 teacher's slip)."""
     a, b = (int(x) for x in problem.split(" + "))
-    return a % 10 + b % 10 >= 10 and f"Tens: {a // 10} + {b // 10} = " in response
+    return has_carry(a, b) and f"Tens: {a // 10} + {b // 10} = " in response
+
+
+def forgot_carry_rate(chains):
+    """Over (response, problem) pairs whose problem has a carry: the fraction that forgot it."""
+    carry = [forgot_carry(r, p) for r, p in chains if has_carry(*(int(x) for x in p.split(" + ")))]
+    return sum(carry) / max(len(carry), 1)
 
 
 def teacher_slip_rate(cot_file):
-    """How often the stage-1 teacher's chains forgot a needed carry (over its carry problems)."""
-    carry = []
-    for row in read_jsonl(cot_file):
-        user, answer = row["messages"][0]["content"], row["messages"][1]["content"]
-        problem = PROBLEM.search(user).group(0)
-        if sum(int(x) % 10 for x in problem.split(" + ")) >= 10:
-            carry.append(forgot_carry(answer, problem))
-    return sum(carry) / max(len(carry), 1)
+    """How often the stage-1 teacher's chains forgot a needed carry."""
+    rows = read_jsonl(cot_file)
+    return forgot_carry_rate((r["messages"][1]["content"], PROBLEM.search(r["messages"][0]["content"]).group(0))
+                             for r in rows)
 
 
 def sampled_metrics(eval_dir, problems):
@@ -68,11 +70,8 @@ def sampled_metrics(eval_dir, problems):
         s = json.load(f)["benchmarks"]["toy_text"]
     k = max(int(key.split("@")[1]) for key in s if key.startswith("avg@"))
     records = read_jsonl(os.path.join(eval_dir, "toy_text.jsonl"))
-    order = {r["id"]: i for i, r in enumerate(records)}
-    carry = [(resp, problems[order[r["id"]]]) for r in records for resp in r["responses"]
-             if sum(int(x) % 10 for x in problems[order[r["id"]]].split(" + ")) >= 10]
-    return {"accuracy": s[f"avg@{k}"], "samples": k, "items": s["items"],
-            "forgot_carry": sum(forgot_carry(r, p) for r, p in carry) / max(len(carry), 1)}
+    chains = [(resp, problems[i]) for i, r in enumerate(records) for resp in r["responses"]]
+    return {"accuracy": s[f"avg@{k}"], "samples": k, "items": s["items"], "forgot_carry": forgot_carry_rate(chains)}
 
 
 def stage_metrics(eval_dir, problems):
@@ -82,9 +81,7 @@ def stage_metrics(eval_dir, problems):
     out = {}
     for bench in ("toy_text", "toy_image"):
         records = read_jsonl(os.path.join(eval_dir, f"{bench}.jsonl"))
-        # toy_text ids come from evaluate.py's converter; map both sets to their problem by file order
-        order = {r["id"]: k for k, r in enumerate(records)}
-        ok = [restated(r["responses"][0], problems[order[r["id"]]]) for r in records]
+        ok = [restated(r["responses"][0], problems[k]) for k, r in enumerate(records)]  # record k: problem k
         s = summary[bench]
         out[bench] = {"accuracy": s["accuracy"], "restated": sum(ok) / len(ok), "parse_failure_rate": s["parse_failure_rate"],
                       "mean_tokens": s["mean_tokens"], "items": s["items"]}
@@ -183,6 +180,8 @@ def main():
         if name.endswith(".stats.json"):
             with open(os.path.join(run, "distill", name)) as f:
                 distill = json.load(f)
+    cot_file = os.path.join(run, "data", "sft", "cot_messages.jsonl")
+    teacher = teacher_slip_rate(cot_file) if os.path.exists(cot_file) else None
     timings = {}
     if os.path.exists(os.path.join(run, "timings.tsv")):
         with open(os.path.join(run, "timings.tsv")) as f:
@@ -222,8 +221,6 @@ def main():
                         f"{rl['response_length_first']:.0f} -> {rl['response_length_last']:.0f} tokens.")
     if "sft" in stages and "rl" in stages:
         s, r = stages["sft"], stages["rl"]
-        cot_file = os.path.join(run, "data", "sft", "cot_messages.jsonl")
-        teacher = teacher_slip_rate(cot_file) if os.path.exists(cot_file) else None
         if "toy_text_t1" in s and "toy_text_t1" in r:
             a, b = s["toy_text_t1"], r["toy_text_t1"]
             findings.append(f"- On held-out text problems sampled at temperature 1 ({a['samples']} samples each), accuracy "
@@ -240,9 +237,7 @@ def main():
                         f"{distill['questions_with_rows']} problems; only verified chains are kept, so a forgotten carry "
                         f"does not get back into the data.")
 
-    summary = {"stages": stages, "rl": rl, "distill": distill, "timings_s": timings}
-    if "sft" in stages and "rl" in stages:
-        summary["teacher_forgot_carry"] = teacher
+    summary = {"stages": stages, "rl": rl, "distill": distill, "teacher_forgot_carry": teacher, "timings_s": timings}
     with open(os.path.join(run, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     total = sum(timings.values())
@@ -258,8 +253,9 @@ model this small does not find the problem at all.
 
 The stage-1 chains come from an imperfect teacher that forgets the carry into the tens in some of the
 problems that have one (`make_toy_data.py --slip_rate`, 0.3 by default), as unverified distilled data
-does: SFT copies the slip, and GRPO's verifiable reward is what removes it. The greedy columns barely show this (the slip is
-the less likely branch); the sampled columns do, and temperature-1 samples are what GRPO is trained on.
+does: SFT copies the slip, and GRPO's verifiable reward is what removes it. The greedy columns barely
+show this (the slip is the less likely branch); the sampled columns do, and temperature-1 samples are
+what GRPO is trained on.
 
 {table}
 
