@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import mathcheck
 import rewards as R
 
 OPTS = ["ribosome", "cell wall", "nucleus", "membrane"]
@@ -239,7 +240,7 @@ def test_property_random_unicode_never_raises(text, gold):
     R.match_choice(text, OPTS)
     R.majority_vote([text, gold, None])
     R.format_reward([text])
-    R._evaluate(text), R._fast_math(gold, text), R._tuple_parts(text)
+    mathcheck.evaluate(text), R._fast_math(gold, text), mathcheck.tuple_parts(text)
     out = R.accuracy_reward([text, text], [gold, "C"], [None, OPTS])
     assert out[0] in (0.0, 1.0, None) and out[1] in (0.0, 1.0)
 
@@ -327,7 +328,7 @@ def test_fast_path_agrees_with_math_verify_all_pairs():
     ("e^2", None), ("__import__('os')", None), ("x.__class__", None), ("lambda: 1", None), ("", None),
 ])
 def test_evaluate_is_a_small_safe_reader(s, want):
-    got = R._evaluate(s)
+    got = mathcheck.evaluate(s)
     if want is None:
         assert got is None
     else:
