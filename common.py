@@ -255,3 +255,67 @@ class Tracker:
     def close(self) -> None:
         if self.backend is not None:
             (self.backend.finish if self.report_to == "wandb" else self.backend.close)()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory-lean log-probs: never a [tokens, vocab] tensor for the whole batch. At Qwen's vocabulary
+# (152,064) full fp32 logits + log-softmax cost ~1.8-2.1 MB per token (27 GiB for 4 x 4096 tokens);
+# here the head runs over `chunk_size` tokens at a time and each chunk is recomputed in backward, so
+# the peak is one chunk's logits (~0.3 GiB per 512 tokens) whatever the length.
+
+
+def _chunk_logprobs(hidden, weight, targets, temperature: float, with_entropy: bool):
+    logits = (hidden @ weight.t()).float() / temperature  # [c, V]
+    lse = torch.logsumexp(logits, dim=-1)  # [c]
+    logp = logits.gather(-1, targets[:, None])[:, 0] - lse  # [c]
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        entropy = lse - (torch.softmax(logits, -1) * logits).sum(-1)  # [c]
+    return logp, entropy
+
+
+def token_logprobs(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 512,
+                   with_entropy: bool = False):
+    """log softmax(hidden @ weight.T / temperature)[target] per row, in fp32.
+
+    hidden [N, H], weight [V, H] (the LM head), targets [N] -> logprobs [N] (differentiable),
+    entropy [N] (no gradient) or None. Chunks of `chunk_size` rows, each under activation checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    logps, ents = [], []
+    for s in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            lp, ent = checkpoint(_chunk_logprobs, h, weight, t, temperature, with_entropy, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(h, weight, t, temperature, with_entropy)
+        logps.append(lp)
+        ents.append(ent)
+    logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
+    entropy = (torch.cat(ents) if ents else logp.detach().clone()) if with_entropy else None
+    return logp, entropy
+
+
+class LogProbModel(torch.nn.Module):
+    """A causal LM or VLM that returns the log-probs of given target tokens instead of logits.
+
+    forward(targets, temperature, with_entropy, **model_inputs): targets [B, T] holds at position t the
+    token that position t predicts (-100: no log-prob wanted). Returns logprobs [B, T] (0 where -100)
+    and entropy [B, T] or None. The decoder runs once; the head only on wanted positions, in chunks.
+    Under FSDP2 this wrapper is the root unit, so the head's weight is gathered inside forward."""
+
+    def __init__(self, model, chunk_size: int = 512):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, targets, temperature: float = 1.0, with_entropy: bool = False, **inputs):
+        hidden = self.model.model(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
+        want = targets != -100  # [B, T]
+        head = self.model.get_output_embeddings().weight  # [V, H]
+        logp, ent = token_logprobs(hidden[want], head, targets[want], temperature, self.chunk_size,
+                                   with_entropy)  # [N]
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+        logp = out.masked_scatter(want, logp)  # [B, T]
+        entropy = out.detach().masked_scatter(want, ent) if with_entropy else None
+        return logp, entropy
