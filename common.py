@@ -40,8 +40,8 @@ def load_rows(path: str, split: str = "train", config: str | None = None) -> tup
     """Rows of a dataset and the folder relative image paths start from.
 
     path: a .jsonl / .json / .parquet / .csv file, a `save_to_disk` folder, or a hub id (then `config`
-    and `split` choose the subset). A .json file holds a list of rows, or an object of splits
-    ({"train": [...], "test": [...]}) or {"data": [...]}; anything else is an error naming the file.
+    and `split` choose the subset). A .json file holds a list of rows, an object of splits
+    ({"train": [...], "test": [...]}), {"data": [...]} or {id: row}; else an error naming the file.
     """
     if os.path.isfile(path):
         base = os.path.dirname(os.path.abspath(path))
@@ -53,10 +53,13 @@ def load_rows(path: str, split: str = "train", config: str | None = None) -> tup
                 data = json.load(f)
             if isinstance(data, dict):
                 key = split if split in data else "data" if "data" in data else None
-                if key is None or not isinstance(data[key], list):
-                    raise ValueError(f"{path}: a JSON object must map splits to lists of rows "
-                                     f"(no list under {split!r} or 'data'; keys: {sorted(data)[:10]})")
-                data = data[key]
+                if key is not None and isinstance(data[key], list):
+                    data = data[key]
+                elif data and all(isinstance(v, dict) for v in data.values()):  # {id: row}
+                    data = [{"id": k, **v} for k, v in data.items()]
+                else:
+                    raise ValueError(f"{path}: a JSON object must be {{split: [rows]}}, {{'data': [rows]}} "
+                                     f"or {{id: row}} (no list under {split!r}; keys: {sorted(data)[:10]})")
             if not isinstance(data, list):
                 raise ValueError(f"{path}: expected a list of rows, got {type(data).__name__}")
             return data, base
