@@ -228,6 +228,7 @@ class Tracker:
     def __init__(self, output_dir: str, report_to: str = "none", project: str = "x-reasoner",
                  config: dict | None = None, enabled: bool = True):
         self.path, self.enabled, self.backend = os.path.join(output_dir, "log.jsonl"), enabled, None
+        self.report_to = report_to
         if not enabled or report_to == "none":
             return
         try:
@@ -241,7 +242,6 @@ class Tracker:
                 self.backend = SummaryWriter(os.path.join(output_dir, "tensorboard"))
         except ImportError:
             print(f"--report_to {report_to}: not installed; logging to log.jsonl only")
-        self.report_to = report_to
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -308,9 +308,9 @@ class LogProbModel(torch.nn.Module):
     and entropy [B, T] or None. The decoder runs once; the head only on wanted positions, in chunks.
     Under FSDP2 this wrapper is the root unit, so the head's weight is gathered inside forward."""
 
-    def __init__(self, model, chunk_size: int = 512):
+    def __init__(self, model, chunk_size: int = 512, touch_vision: bool = False):
         super().__init__()
-        self.model, self.chunk_size = model, chunk_size
+        self.model, self.chunk_size, self.touch_vision = model, chunk_size, touch_vision
 
     def forward(self, targets, temperature: float = 1.0, with_entropy: bool = False, **inputs):
         hidden = self.model.model(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
@@ -321,4 +321,265 @@ class LogProbModel(torch.nn.Module):
         out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
         logp = out.masked_scatter(want, logp)  # [B, T]
         entropy = out.detach().masked_scatter(want, ent) if with_entropy else None
+        if self.touch_vision and torch.is_grad_enabled():
+            # Data with images: a trainable projector gets a (zero) gradient on every rank, also from
+            # a text-only micro-batch, so FSDP2 reduces the same tensors everywhere.
+            logp = logp + 0.0 * sum(p.sum() for n, p in self.model.named_parameters()
+                                    if p.requires_grad and vision_part(n))
         return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes. torchrun and `accelerate launch` both set RANK / LOCAL_RANK / WORLD_SIZE: one process per
+# GPU (or per CPU slot: gloo), nanoGPT style. No Accelerator object: several processes always mean
+# FSDP2 sharding (below), which Accelerate's FSDP plugin cannot run on CPUs, where the tests run.
+
+
+def init_distributed():
+    """-> (rank, world_size, device). Starts the process group when launched with several processes."""
+    import torch.distributed as dist
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world, device
+
+
+def print0(*args, **kwargs) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """Sum (or max) a list of numbers over processes; the identity in one process."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def close_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models: load, shard with FSDP2, gather for generation / export
+
+
+def is_vlm_checkpoint(path: str) -> bool:
+    from transformers import AutoConfig
+
+    return hasattr(AutoConfig.from_pretrained(path), "vision_config")
+
+
+def load_model(path: str, device, world_size: int, dtype=torch.float32, attn_implementation=None):
+    """A causal LM (AutoModelForCausalLM) or VLM (AutoModelForImageTextToText) from a hub id or folder.
+
+    One process: real weights in `dtype` on `device`. Several: only rank 0 reads the checkpoint (on
+    the CPU); the others build the model on the meta device, and `shard_model` broadcasts rank 0's
+    weights into every rank's shard, so a node needs host memory for one copy, not one per GPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if world_size == 1:
+        return cls.from_pretrained(path, dtype=dtype, **kwargs).to(device)
+    if int(os.environ.get("RANK", 0)) == 0:
+        model = cls.from_pretrained(path, dtype=dtype, **kwargs)
+    else:
+        with torch.device("meta"):
+            model = cls.from_config(config, dtype=dtype, **kwargs)
+    model.generation_config = getattr(model, "generation_config", None)
+    return model
+
+
+def decoder_layers(model) -> list:
+    """The language model's decoder layers (the FSDP2 units)."""
+    return list(model.get_decoder().layers)
+
+
+def shard_model(wrapper, device, world_size: int, bf16: bool):
+    """FSDP2 (`fully_shard`) over all processes: one unit per decoder layer, and the root unit holding
+    the rest (embeddings, LM head, final norm and the whole vision tower). The vision tower stays in
+    the root on purpose: a rank whose micro-batch has no image would skip a vision unit's all-gather
+    while a rank with images waits for it. bf16: parameters gathered and computed in bf16, gradients
+    reduced in fp32 into fp32 shards (the optimizer's master weights). Buffers (rotary `inv_freq`) are
+    never cast. Several processes only; in one process the model is returned as it is.
+
+    `wrapper` is a LogProbModel (or any module with `.model`, the HF model); model weights come from
+    rank 0 (`load_model`), broadcast into each rank's shard."""
+    if world_size == 1:
+        return wrapper
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    rank = dist.get_rank()
+    full = wrapper.state_dict() if rank == 0 else None  # rank 0 holds real weights, the others meta
+    buffers = {n: b.detach().clone() for n, b in wrapper.named_buffers()} if rank == 0 else None
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for layer in decoder_layers(wrapper.model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(wrapper, mp_policy=mp)
+    if rank == 0:
+        wrapper.to_empty(device=device)
+    else:
+        wrapper.to_empty(device=device)
+    set_model_state_dict(wrapper, full if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buf in wrapper.named_buffers():  # non-persistent buffers (inv_freq) are not in the state
+        if rank == 0:
+            buf.copy_(buffers[name])
+        dist.broadcast(buf, src=0)
+    wrapper._get_fsdp_state()._lazy_init()  # the wrapper is the root, even if generate runs first
+    return wrapper
+
+
+def fsdp_units(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+class gathered_weights:
+    """Context: every FSDP2 unit all-gathered and kept so, for transformers' `generate` (whose number
+    of forward calls differs between ranks: no collective may run inside). A no-op without FSDP."""
+
+    def __init__(self, model):
+        self.units = fsdp_units(model)
+
+    def __enter__(self):
+        for m in self.units:
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)
+
+    def __exit__(self, *exc):
+        for m in reversed(self.units):
+            m.reshard()
+            m.set_reshard_after_forward(m is not self.units[0], recurse=False)  # the root keeps False
+
+
+def full_weights(model, dtype=None):
+    """Yield (name, full tensor) of an HF model's state dict one at a time, with HF names: FSDP2's
+    DTensor shards are all-gathered per tensor (a collective: every rank must consume the generator
+    in the same order), then cast to `dtype`. Peak extra memory: one tensor, never the whole model."""
+    from torch.distributed.tensor import DTensor
+
+    for name, t in model.state_dict().items():
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        yield name, t.to(dtype) if dtype is not None else t
+
+
+def grad_norm_and_clip(params: list, max_norm: float) -> float:
+    """Global gradient norm over all processes (FSDP2's DTensor shards included), and the clip.
+    `params` must be the model's own parameters after sharding (a list taken before `fully_shard`
+    holds stale tensors: FSDP1 then clips per rank, FSDP2 sees no gradient at all)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training checkpoints: sharded weights + optimizer (torch.distributed.checkpoint: each rank writes its
+# shard, and a run may resume on another process count), per-rank RNG, the step; plus a
+# `from_pretrained`-loadable copy of the model in bf16 (or fp32) gathered on rank 0.
+
+
+def save_training_state(path: str, model, optimizer, extra: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(path, "state"))
+    rank = int(os.environ.get("RANK", 0))
+    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
+                if torch.cuda.is_available() else None}, os.path.join(path, "state", f"rng-{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(path, "trainer_state.json"), "w") as f:
+            json.dump(extra, f, indent=1)
+
+
+def load_training_state(path: str, model, optimizer) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=os.path.join(path, "state"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    rng = os.path.join(path, "state", f"rng-{int(os.environ.get('RANK', 0))}.pt")
+    if os.path.exists(rng):  # absent when resuming on more processes than saved
+        r = torch.load(rng, weights_only=False)
+        torch.set_rng_state(r["torch"])
+        if r["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(r["cuda"])
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def save_pretrained(path: str, model, processor, dtype=torch.bfloat16) -> None:
+    """model (an HF model, maybe FSDP2-sharded) -> `path` in `dtype`, written by rank 0 (collective)."""
+    rank = int(os.environ.get("RANK", 0))
+    state = {}
+    for name, t in full_weights(model, dtype):
+        if rank == 0:
+            state[name] = t.cpu()
+    if rank == 0:
+        model.save_pretrained(path, state_dict=state)
+        processor.save_pretrained(path)
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        for c in [config] + [v for v in config.values() if isinstance(v, dict) and "dtype" in v]:
+            c["dtype"] = str(dtype).removeprefix("torch.")  # what from_pretrained(dtype="auto") reads
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+
+def save_checkpoint(output_dir: str, step: int, model, optimizer, processor, extra: dict,
+                    keep: int, dtype=torch.bfloat16) -> str:
+    """output_dir/checkpoint-{step}: written into checkpoint-{step}.tmp, then renamed (atomic)."""
+    import shutil
+
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp, rank = final + ".tmp", int(os.environ.get("RANK", 0))
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    barrier()
+    save_training_state(tmp, model, optimizer, extra)
+    save_pretrained(tmp, model.model, processor, dtype)
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        prune_checkpoints(output_dir, keep)
+    barrier()
+    return final

@@ -1,15 +1,22 @@
 """Stage 1 of X-Reasoner: supervised fine-tuning of a vision-language model on text-only long CoT.
 
-    python sft.py --model_name_or_path tiny-models/vl --dataset toy/sft/openthoughts.jsonl \
+    # a laptop: the tiny toy model
+    python sft.py --model_name_or_path tiny-vl --dataset toy/sft/openthoughts.jsonl \
         --output_dir runs/sft-toy --max_steps 50 --per_device_batch_size 8 --learning_rate 1e-3
-    accelerate launch --config_file configs/fsdp_full_shard.yaml sft.py --output_dir runs/sft   # the paper
+    # the paper, one node of 8 GPUs (FSDP2; --gradient_accumulation_steps 4 keeps the global batch 128)
+    accelerate launch --config_file configs/8gpu.yaml sft.py --output_dir runs/sft \
+        --gradient_accumulation_steps 4
 
 The paper: Qwen2.5-VL-7B-Instruct, OpenThoughts-114k (DeepSeek-R1 chains of thought, text only), vision
 encoder frozen, AdamW lr 1e-5, no weight decay, 4 epochs, lr x0.8 per epoch, 4 examples per GPU on 32
 GPUs, examples truncated to 4096 tokens.
 
-Data: a hub id or a local file/folder (JSONL, JSON, Parquet, or a `save_to_disk` folder), in one of two
-shapes. OpenThoughts (`system`, `conversations`): the user turn becomes `rewards.train_prompt(question)`
+Several processes (torchrun or `accelerate launch`) shard the model with FSDP2: one unit per decoder
+layer, parameters gathered in bf16, gradients reduced in fp32 into fp32 shards, no unsharded gradient
+copies. The loss never builds [tokens, vocab] logits (common.token_logprobs: 512-token chunks).
+
+Data: a hub id or a local file/folder (JSONL, JSON, Parquet, CSV, or a `save_to_disk` folder), in one of
+two shapes. OpenThoughts (`system`, `conversations`): the user turn becomes `rewards.train_prompt(question)`
 and the assistant's <|begin_of_thought|>/<|begin_of_solution|> sections become
 `rewards.format_response(thinking, solution)`. Chat (`messages` = [{role, content}], optional `images`:
 paths relative to the data file, or PIL images); a content may be a list with {"type": "image"} items,
@@ -21,70 +28,198 @@ turns position-id resets into a block-diagonal attention mask (sdpa/eager) or va
 attention), so packed examples never see each other. Qwen2.5-VL gets 4-row position ids: the text
 positions (used to find the example boundaries) and the three M-RoPE rows.
 
-Writes `output_dir/log.jsonl` (one line per step), `output_dir/checkpoint-N/` (model + processor,
-`from_pretrained`-loadable, with the optimizer/RNG state in `state/`), and the final model in `output_dir`.
+Writes `output_dir/log.jsonl` (one line per step), `output_dir/checkpoint-N/` (the model in bf16,
+`from_pretrained`-loadable, and in `state/` the sharded fp32 weights, optimizer and RNG to resume from),
+and the final model in `output_dir`.
 """
 
-import glob
 import inspect
 import json
 import math
 import os
 import re
-import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
+import common
 import rewards
 
 
 @dataclass
-class SFTConfig:
+class Config:
     # model and data
-    model_name_or_path: str = field(default="Qwen/Qwen2.5-VL-7B-Instruct", metadata={"help": "hub id or folder; VLMs load with AutoModelForImageTextToText, text models with AutoModelForCausalLM (paper: Qwen2.5-VL-7B-Instruct)"})
-    dataset: str = field(default="open-thoughts/OpenThoughts-114k", metadata={"help": "hub id, or a local .jsonl/.json/.parquet file or folder (paper: OpenThoughts-114k)"})
-    dataset_config: str = field(default="", metadata={"help": "hub dataset config name, if any"})
-    dataset_split: str = field(default="train", metadata={"help": "split to train on"})
-    max_examples: int = field(default=0, metadata={"help": "use only the first N rows (0 = all)"})
-    keep_system_prompt: bool = field(default=False, metadata={"help": "keep the dataset's own system prompt (paper: dropped; its prompt format has none)"})
-    on_bad_row: str = field(default="error", metadata={"help": "a malformed row: 'error' (stop, naming file, row and field) or 'skip' (drop it and count it)"})
-    assistant_header: str = field(default="<|im_start|>assistant\n", metadata={"help": "text that opens an assistant turn in the chat template (Qwen's)"})
-    end_of_turn: str = field(default="<|im_end|>", metadata={"help": "token that ends a turn; supervised, so the model learns to stop"})
-    output_dir: str = field(default="runs/sft", metadata={"help": "checkpoints, log.jsonl and the final model"})
+    model_name_or_path: str = field(
+        default="Qwen/Qwen2.5-VL-7B-Instruct",
+        metadata={"help": "hub id or folder; VLMs load with AutoModelForImageTextToText, text models "
+                          "with AutoModelForCausalLM (paper: Qwen2.5-VL-7B-Instruct)"},
+    )
+    dataset: str = field(
+        default="open-thoughts/OpenThoughts-114k",
+        metadata={"help": "hub id, or a local .jsonl/.json/.parquet/.csv file or save_to_disk folder "
+                          "(paper: OpenThoughts-114k)"},
+    )
+    dataset_config: str = field(
+        default="",
+        metadata={"help": "hub dataset config name, if any"},
+    )
+    dataset_split: str = field(
+        default="train",
+        metadata={"help": "split to train on"},
+    )
+    limit: int = field(
+        default=0,
+        metadata={"help": "use only the first N rows (0 = all)"},
+    )
+    keep_system_prompt: bool = field(
+        default=False,
+        metadata={"help": "keep the dataset's own system prompt (paper: dropped; its format has none)"},
+    )
+    on_bad_row: Literal["error", "skip"] = field(
+        default="error",
+        metadata={"help": "a malformed row: stop, naming file, row and field; or drop it and count it"},
+    )
+    assistant_header: str = field(
+        default="<|im_start|>assistant\n",
+        metadata={"help": "text that opens an assistant turn in the chat template (Qwen's)"},
+    )
+    end_of_turn: str = field(
+        default="<|im_end|>",
+        metadata={"help": "token that ends a turn; supervised, so the model learns to stop"},
+    )
+    output_dir: str = field(
+        default="runs/sft",
+        metadata={"help": "checkpoints, log.jsonl and the final model"},
+    )
     # sequence length and batching
-    max_length: int = field(default=4096, metadata={"help": "longest example in tokens (paper: 4096)"})
-    overlong: str = field(default="truncate", metadata={"help": "longer examples: 'truncate' (paper) or 'drop'; an example whose cut would split an image is dropped; both counted"})
-    packing: bool = field(default=True, metadata={"help": "pack each micro-batch's examples into as few rows as fit pack_length (attention kept per example); off = one padded row per example"})
-    pack_length: int = field(default=0, metadata={"help": "row length for packing; 0 = the micro-batch's longest example, so rows are never longer than padded ones (sdpa/eager attention cost grows with row length; with flash attention, max_length packs tightest)"})
-    per_device_batch_size: int = field(default=4, metadata={"help": "examples per process per micro-batch (paper: 4)"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step; global batch = processes x this x per_device_batch_size (paper: 32 x 1 x 4 = 128)"})
+    max_length: int = field(
+        default=4096,
+        metadata={"help": "longest example in tokens (paper: 4096)"},
+    )
+    overlong: Literal["truncate", "drop"] = field(
+        default="truncate",
+        metadata={"help": "longer examples are truncated (paper) or dropped; an example whose cut "
+                          "would split an image is dropped; both counted"},
+    )
+    packing: bool = field(
+        default=True,
+        metadata={"help": "pack each micro-batch's examples into as few rows as fit pack_length "
+                          "(attention kept per example); off = one padded row per example"},
+    )
+    pack_length: int = field(
+        default=0,
+        metadata={"help": "row length for packing; 0 = the micro-batch's longest example, so rows are "
+                          "never longer than padded ones (with flash attention, max_length packs "
+                          "tightest)"},
+    )
+    per_device_batch_size: int = field(
+        default=4,
+        metadata={"help": "examples per process per micro-batch (paper: 4)"},
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "micro-batches per optimizer step; global batch = processes x this x "
+                          "per_device_batch_size (paper: 32 x 1 x 4 = 128)"},
+    )
     # optimisation
-    epochs: int = field(default=4, metadata={"help": "passes over the data (paper: 4)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; overrides epochs when > 0"})
-    learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate (paper: 1e-5)"})
-    lr_schedule: str = field(default="epoch_decay", metadata={"help": "'epoch_decay' (paper: lr x lr_decay after each epoch, stepwise), 'cosine' or 'linear' (to 0, after warm-up)"})
-    lr_decay: float = field(default=0.8, metadata={"help": "multiplicative decay per epoch for epoch_decay (paper: 0.8)"})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps with linear warm-up (paper: none stated)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (paper: 0.0)"})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (paper: 0.9)"})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (paper: 0.999)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global grad norm (paper: not stated; 1.0 is the common default; 0 = off)"})
-    freeze_vision: bool = field(default=True, metadata={"help": "freeze the vision tower (paper: frozen vision encoder)"})
-    freeze_projector: bool = field(default=False, metadata={"help": "also freeze the vision-to-language projector (Qwen's merger; paper: not stated)"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward (needed for 7B at 4096 tokens)"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPU, fp32 master weights (lr 1e-5 updates vanish in bf16 weights); the CPU always runs fp32"})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "'sdpa', 'eager' or 'flash_attention_2' (GPU)"})
-    seed: int = field(default=42, metadata={"help": "data order and initialisation seed"})
+    num_epochs: int = field(
+        default=4,
+        metadata={"help": "passes over the data (paper: 4)"},
+    )
+    max_steps: int = field(
+        default=0,
+        metadata={"help": "optimizer steps; overrides num_epochs when > 0"},
+    )
+    learning_rate: float = field(
+        default=1e-5,
+        metadata={"help": "peak learning rate (paper: 1e-5)"},
+    )
+    lr_scheduler: Literal["epoch_decay", "cosine", "linear"] = field(
+        default="epoch_decay",
+        metadata={"help": "epoch_decay: lr x lr_decay after each epoch, stepwise (paper); cosine or "
+                          "linear: to 0 after warm-up"},
+    )
+    lr_decay: float = field(
+        default=0.8,
+        metadata={"help": "multiplicative decay per epoch for epoch_decay (paper: 0.8)"},
+    )
+    warmup_ratio: float = field(
+        default=0.0,
+        metadata={"help": "fraction of steps with linear warm-up (paper: none stated)"},
+    )
+    weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "AdamW weight decay (paper: 0.0)"},
+    )
+    adam_beta1: float = field(
+        default=0.9,
+        metadata={"help": "AdamW beta1 (paper: 0.9)"},
+    )
+    adam_beta2: float = field(
+        default=0.999,
+        metadata={"help": "AdamW beta2 (paper: 0.999)"},
+    )
+    max_grad_norm: float = field(
+        default=1.0,
+        metadata={"help": "clip the global grad norm (paper: not stated; 1.0 is the common default; "
+                          "0 = off)"},
+    )
+    freeze_vision_tower: bool = field(
+        default=True,
+        metadata={"help": "freeze the vision tower (paper: frozen vision encoder)"},
+    )
+    freeze_projector: bool = field(
+        default=False,
+        metadata={"help": "also freeze the vision-to-language projector (Qwen's merger; paper: not "
+                          "stated)"},
+    )
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "recompute activations in backward (needed for 7B at 4096 tokens)"},
+    )
+    bf16: bool = field(
+        default=True,
+        metadata={"help": "GPUs: compute in bf16, fp32 master weights and gradient reduction (lr 1e-5 "
+                          "updates vanish in bf16 weights); the CPU always runs fp32"},
+    )
+    logprob_chunk_size: int = field(
+        default=512,
+        metadata={"help": "tokens per LM-head chunk in the loss: memory only, the math is unchanged"},
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
+        default="sdpa",
+        metadata={"help": "attention kernel (flash_attention_2: GPUs with flash-attn installed)"},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "data order and initialisation seed"},
+    )
     # checkpoints and logging
-    save_steps: int = field(default=500, metadata={"help": "save a checkpoint every N steps (and always at the end; 0 = only at the end)"})
-    save_total_limit: int = field(default=2, metadata={"help": "keep only the newest N checkpoints (0 = keep all)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir (weights, optimizer, RNG, data position)"})
-    report_to: str = field(default="none", metadata={"help": "'none', 'wandb' or 'tensorboard' (as well as log.jsonl)"})
+    save_steps: int = field(
+        default=500,
+        metadata={"help": "save a checkpoint every N steps (and always at the end; 0 = only at the end)"},
+    )
+    save_total_limit: int = field(
+        default=2,
+        metadata={"help": "keep only the newest N checkpoints (0 = keep all)"},
+    )
+    save_dtype: Literal["bfloat16", "float32"] = field(
+        default="bfloat16",
+        metadata={"help": "dtype of the saved models (the resume state is always fp32)"},
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue from the newest checkpoint in output_dir (weights, optimizer, RNG, "
+                          "data position)"},
+    )
+    report_to: Literal["none", "wandb", "tensorboard"] = field(
+        default="none",
+        metadata={"help": "also report to wandb or tensorboard (log.jsonl is always written)"},
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,31 +227,6 @@ class SFTConfig:
 # ----------------------------------------------------------------------------------------------------------------
 class BadRow(ValueError):
     pass
-
-
-def load_rows(path: str, config: str = "", split: str = "train"):
-    """Rows of a local file/folder or a hub dataset, as (list of dicts, folder images are relative to)."""
-    if os.path.isfile(path):
-        base = os.path.dirname(os.path.abspath(path))
-        if path.endswith(".jsonl"):
-            with open(path) as f:
-                return [json.loads(line) for line in f if line.strip()], base
-        if path.endswith(".json"):
-            with open(path) as f:
-                data = json.load(f)
-            return (data if isinstance(data, list) else data[split]), base
-        import datasets
-        kind = {".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(path)[1])
-        if kind is None:
-            raise ValueError(f"{path}: unsupported file type (use .jsonl, .json, .parquet or .csv)")
-        return datasets.load_dataset(kind, data_files=path, split="train"), base
-    import datasets
-    if os.path.isdir(path) and glob.glob(os.path.join(path, "*.json")) and (
-            os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json"))):
-        ds = datasets.load_from_disk(path)
-        return (ds[split] if isinstance(ds, datasets.DatasetDict) else ds), os.path.abspath(path)
-    base = os.path.abspath(path) if os.path.isdir(path) else os.getcwd()
-    return datasets.load_dataset(path, config or None, split=split), base
 
 
 THOUGHT_RE = re.compile(r"<\|begin_of_thought\|>(.*?)<\|end_of_thought\|>", re.S)
@@ -216,16 +326,11 @@ def next_token_targets(ids: list[int], mask: list[int]) -> list[int]:
     return [ids[t + 1] if mask[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]
 
 
-def load_image(im):
-    from PIL import Image
-    return (Image.open(im) if isinstance(im, str) else im).convert("RGB")
-
-
 def tokenize_example(messages, images, processor, tokenizer, header, end_id, rope_index=None):
     """-> dict(ids, targets, images, positions: [3, L] M-RoPE ids for image examples, else None)."""
     text = processor.apply_chat_template(messages, tokenize=False)
     if images:
-        enc = processor(text=[text], images=[load_image(im) for im in images], return_tensors="pt")
+        enc = processor(text=[text], images=[common.open_image(im) for im in images], return_tensors="pt")
         ids = enc["input_ids"][0].tolist()
         positions = rope_index(enc["input_ids"], enc["image_grid_thw"]) if rope_index else None  # [3, L]
     else:
@@ -297,29 +402,25 @@ def collate(examples: list[dict], rows: list[list[int]], pad_id: int, mrope: boo
     return batch
 
 
-def token_loss_sum(model, batch: dict, pixel_inputs: dict) -> torch.Tensor:
-    """Sum of cross-entropies over the supervised tokens. Logits only where some row has a target."""
-    targets = batch["targets"]  # [R, W]
-    keep = (targets != -100).any(0).nonzero().squeeze(1)  # [K] columns with at least one target
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
-                logits_to_keep=keep, use_cache=False, **pixel_inputs)
-    logits = out.logits.float()  # [R, K, vocab]
-    return F.cross_entropy(logits.flatten(0, 1), targets[:, keep].flatten(), ignore_index=-100, reduction="sum")
+def token_loss_sum(model: common.LogProbModel, batch: dict, pixel_inputs: dict) -> torch.Tensor:
+    """Sum of cross-entropies over the supervised tokens: -sum log p(target). The LM head runs only on
+    supervised positions, 512 at a time (no [rows, width, vocab] logits)."""
+    logp, _ = model(targets=batch["targets"], input_ids=batch["input_ids"],
+                    position_ids=batch["position_ids"], attention_mask=None, **pixel_inputs)  # [R, W]
+    return -logp.sum()
 
 
-def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: SFTConfig) -> float:
+def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: Config) -> float:
     """Learning rate at optimizer step `step` (0-based)."""
     warmup = int(cfg.warmup_ratio * total_steps)
     if step < warmup:
         return cfg.learning_rate * (step + 1) / warmup
-    if cfg.lr_schedule == "epoch_decay":  # the paper: x0.8 after every epoch, stepwise
+    if cfg.lr_scheduler == "epoch_decay":  # the paper: x0.8 after every epoch, stepwise
         return cfg.learning_rate * cfg.lr_decay ** (step // steps_per_epoch)
     progress = (step - warmup) / max(1, total_steps - warmup)
-    if cfg.lr_schedule == "cosine":
+    if cfg.lr_scheduler == "cosine":
         return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.lr_schedule == "linear":
-        return cfg.learning_rate * (1 - progress)
-    raise ValueError(f"--lr_schedule {cfg.lr_schedule!r}: use epoch_decay, cosine or linear")
+    return cfg.learning_rate * (1 - progress)  # linear
 
 
 def global_batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
@@ -330,75 +431,45 @@ def global_batch_indices(step: int, n: int, global_batch: int, seed: int) -> lis
     return order[k * global_batch:(k + 1) * global_batch]
 
 
-def list_checkpoints(output_dir: str) -> list[str]:
-    found = [d for d in glob.glob(os.path.join(output_dir, "checkpoint-*")) if re.fullmatch(r"checkpoint-\d+", os.path.basename(d))]
-    return sorted(found, key=lambda d: int(d.rsplit("-", 1)[1]))
+def main(cfg: Config):
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
-
-def main(cfg: SFTConfig):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import set_seed
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-
-    # ------------------------------------------------------------------------------------------------------------
-    # 1. Set-up: processes, model, processor, frozen parts
-    # ------------------------------------------------------------------------------------------------------------
-    for name, allowed in [("overlong", ("truncate", "drop")), ("on_bad_row", ("error", "skip")),
-                          ("lr_schedule", ("epoch_decay", "cosine", "linear")), ("report_to", ("none", "wandb", "tensorboard"))]:
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")
+    # ------------------------------------------------------------------------------------------------
+    # 1. Set-up: processes, model (sharded with FSDP2 over several processes), frozen parts
+    # ------------------------------------------------------------------------------------------------
+    rank, world, device = common.init_distributed()
+    main_proc = rank == 0
+    torch.manual_seed(cfg.seed)
+    resume_dir = common.resume_dir(cfg.output_dir, cfg.resume)  # refuses an earlier run's folder
+    if cfg.resume and resume_dir is None:
+        common.print0(f"--resume: no checkpoint in {cfg.output_dir}, starting from the beginning")
+    if main_proc:
+        os.makedirs(cfg.output_dir, exist_ok=True)
     model_config = AutoConfig.from_pretrained(cfg.model_name_or_path)
     is_vlm = hasattr(model_config, "vision_config")
-    log_with = None if cfg.report_to == "none" else cfg.report_to
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # (torchrun on the CPU: gloo processes, else Accelerate sees one)
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_with=log_with, project_dir=cfg.output_dir,
-        mixed_precision="bf16" if cfg.bf16 and torch.cuda.is_available() else "no",
-        # text-only batches leave a trainable projector unused: DDP must not wait for its gradients
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=is_vlm)],
-    )
-    set_seed(cfg.seed)
-    world = accelerator.num_processes
-    cfg.gradient_accumulation_steps = accelerator.gradient_accumulation_steps  # a DeepSpeed config's value wins
-    if accelerator.is_main_process:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-    checkpoints = list_checkpoints(cfg.output_dir)
-    resume_dir = checkpoints[-1] if cfg.resume and checkpoints else None
-    if cfg.resume and resume_dir is None:
-        accelerator.print(f"--resume: no checkpoint in {cfg.output_dir}, starting from the beginning")
-    if not cfg.resume and checkpoints:  # never mix two runs' checkpoints
-        raise ValueError(f"{cfg.output_dir} holds checkpoints of an earlier run: pass --resume, or another --output_dir")
-
-    model_cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-    model = model_cls.from_pretrained(cfg.model_name_or_path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+    bf16 = cfg.bf16 and device.type == "cuda"
+    model = common.load_model(cfg.model_name_or_path, device, world, torch.float32, cfg.attn_implementation)
     processor = (AutoProcessor if is_vlm else AutoTokenizer).from_pretrained(cfg.model_name_or_path)
     tokenizer = getattr(processor, "tokenizer", processor)
     model.config.use_cache = False
-    for name, p in model.named_parameters():
-        projector = any(k in name for k in ("merger", "multi_modal_projector", "mm_projector"))
-        vision = any(k in name for k in ("visual.", "vision_tower", "vision_model"))
-        if (projector and cfg.freeze_projector) or (vision and not projector and cfg.freeze_vision):
-            p.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name is deprecated
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
+    n_train = common.freeze_vision(model, cfg.freeze_vision_tower, cfg.freeze_projector)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    # ------------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------
     # 2. Data: rows -> conversations -> token ids and next-token targets (assistant turns only)
-    # ------------------------------------------------------------------------------------------------------------
-    rows, base_dir = load_rows(cfg.dataset, cfg.dataset_config, cfg.dataset_split)
-    n_rows = min(len(rows), cfg.max_examples) if cfg.max_examples > 0 else len(rows)
+    # ------------------------------------------------------------------------------------------------
+    rows, base_dir = common.load_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config)
+    n_rows = min(len(rows), cfg.limit) if cfg.limit > 0 else len(rows)
     header = tokenizer.encode(cfg.assistant_header, add_special_tokens=False)
     end_id = tokenizer.convert_tokens_to_ids(cfg.end_of_turn)
     image_token_id = getattr(model_config, "image_token_id", None)
     rope_index = make_rope_index(model, image_token_id) if is_vlm else None
-    counts = {"rows": n_rows, "bad_rows": 0, "truncated": 0, "dropped_overlong": 0, "dropped_image_cut": 0, "dropped_no_target": 0}
+    counts = {"rows": n_rows, "bad_rows": 0, "truncated": 0, "dropped_overlong": 0,
+              "dropped_image_cut": 0, "dropped_no_target": 0}
     examples = []
-    for i in tqdm(range(n_rows), desc="tokenising", disable=not accelerator.is_local_main_process):
+    for i in tqdm(range(n_rows), desc="tokenising", disable=not main_proc):
         where = f"{cfg.dataset} row {i}" + (f" (line {i + 1})" if cfg.dataset.endswith(".jsonl") else "")
         try:
             messages, images = row_to_conversation(rows[i], base_dir, cfg.keep_system_prompt)
@@ -418,146 +489,117 @@ def main(cfg: SFTConfig):
             if image_token_id is not None and image_token_id in ex["ids"][cfg.max_length:]:
                 counts["dropped_image_cut"] += 1  # never cut through an image's tokens
                 continue
-            ex["ids"], ex["targets"] = ex["ids"][:cfg.max_length], ex["targets"][:cfg.max_length - 1] + [-100]
+            ex["ids"] = ex["ids"][:cfg.max_length]
+            ex["targets"] = ex["targets"][:cfg.max_length - 1] + [-100]
             ex["positions"] = None if ex["positions"] is None else ex["positions"][:, :cfg.max_length]
         ex["n_targets"] = sum(t != -100 for t in ex["targets"])
         if ex["n_targets"] == 0:
             counts["dropped_no_target"] += 1  # e.g. the prompt alone is longer than max_length
             continue
         counts["truncated"] += truncated
-        # int32 tensors: Python int lists would take ~9x the memory (114k x 4096 tokens x 2 per process)
-        ex["ids"], ex["targets"] = torch.tensor(ex["ids"], dtype=torch.int32), torch.tensor(ex["targets"], dtype=torch.int32)
+        # int32 tensors: Python int lists take ~9x the memory (114k x 4096 tokens x 2 per process)
+        ex["ids"] = torch.tensor(ex["ids"], dtype=torch.int32)
+        ex["targets"] = torch.tensor(ex["targets"], dtype=torch.int32)
         examples.append(ex)
     global_batch = world * cfg.gradient_accumulation_steps * cfg.per_device_batch_size
     steps_per_epoch = len(examples) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.dataset}: {len(examples)} usable examples ({json.dumps(counts)}), fewer than one global batch of {global_batch}")
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
-    accelerator.print(f"model {cfg.model_name_or_path}: {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trained | "
-                      f"data {json.dumps(counts)}, {len(examples)} examples | {total_steps} steps, "
-                      f"{steps_per_epoch} per epoch, global batch {global_batch} examples on {world} processes")
+        raise ValueError(f"{cfg.dataset}: {len(examples)} usable examples ({json.dumps(counts)}), "
+                         f"fewer than one global batch of {global_batch}")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * steps_per_epoch
+    common.print0(f"model {cfg.model_name_or_path}: {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M "
+                  f"trained | data {json.dumps(counts)}, {len(examples)} examples | {total_steps} steps, "
+                  f"{steps_per_epoch} per epoch, global batch {global_batch} examples on {world} "
+                  f"process(es)" + (" (FSDP2)" if world > 1 else ""))
 
-    # ------------------------------------------------------------------------------------------------------------
-    # 3. Optimizer; resume weights, optimizer and RNG state
-    # ------------------------------------------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # ------------------------------------------------------------------------------------------------
+    # 3. Shard, optimizer; resume weights, optimizer and RNG
+    # ------------------------------------------------------------------------------------------------
+    has_images = any(ex["images"] for ex in examples)  # (then every rank touches the projector: FSDP2)
+    model = common.shard_model(common.LogProbModel(model, cfg.logprob_chunk_size, has_images),
+                               device, world, bf16)
+    params = [p for p in model.parameters() if p.requires_grad]  # the sharded ones: taken after sharding
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
     start_step = 0
     if resume_dir is not None:
-        accelerator.load_state(os.path.join(resume_dir, "state"))
-        with open(os.path.join(resume_dir, "trainer_state.json")) as f:
-            start_step = json.load(f)["step"]
-        accelerator.print(f"resumed from {resume_dir} at step {start_step}")
-    log_path = os.path.join(cfg.output_dir, "log.jsonl")
-    if accelerator.is_main_process:  # keep the log consistent with the checkpoint we continue from
-        old = open(log_path).read().splitlines() if os.path.exists(log_path) else []
-        with open(log_path, "w") as f:
-            f.writelines(line + "\n" for line in old if start_step and json.loads(line).get("step", 0) <= start_step)
-    if log_with:
-        accelerator.init_trackers("x-reasoner-sft", config=asdict(cfg))
-        if not accelerator.trackers:
-            accelerator.print(f"--report_to {cfg.report_to}: not installed; logging to log.jsonl only")
+        start_step = common.load_training_state(resume_dir, model, optimizer)["step"]
+        common.print0(f"resumed from {resume_dir} at step {start_step}")
+    if main_proc:  # keep the log consistent with the checkpoint we continue from
+        common.truncate_log(os.path.join(cfg.output_dir, "log.jsonl"), start_step)
+    tracker = common.Tracker(cfg.output_dir, cfg.report_to, "x-reasoner-sft", asdict(cfg), main_proc)
+    save_dtype = getattr(torch, cfg.save_dtype)
+    amp = torch.autocast("cuda", torch.bfloat16) if bf16 and world == 1 else nullcontext()  # FSDP2 casts
 
-    def save_checkpoint(step: int):
-        """Write checkpoint-{step} atomically: everything into a temp folder, then one rename."""
-        final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
-        tmp = final + ".tmp"
-        if accelerator.is_main_process and os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(os.path.join(tmp, "state"))  # optimizer, RNG of every process, weights
-        state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
-            processor.save_pretrained(tmp)
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump({"step": step, "epoch": step / steps_per_epoch, "config": asdict(cfg)}, f, indent=1)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            old = list_checkpoints(cfg.output_dir)
-            for d in old[:-cfg.save_total_limit] if cfg.save_total_limit > 0 else []:
-                shutil.rmtree(d)
-        accelerator.wait_for_everyone()
-
-    # ------------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------
     # 4. Training loop
-    # ------------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------
     model.train()
-    b, rank = cfg.per_device_batch_size, accelerator.process_index
+    b = cfg.per_device_batch_size
     image_processor = getattr(processor, "image_processor", None)
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="sft",
-               disable=not accelerator.is_local_main_process)
+               disable=not main_proc)
     for step in bar:
         t0 = time.time()
         lr = lr_at(step, total_steps, steps_per_epoch, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = global_batch_indices(step, len(examples), global_batch, cfg.seed)
-        # the loss is sum(token losses) / (supervised tokens of the whole global step); every process knows
-        # the global count, and the factor world x accumulation undoes DDP's mean and Accelerate's 1/accumulation
+        # the loss is sum(token losses) / (supervised tokens of the whole global step); every process
+        # knows the global count, and the factor world undoes the gradient mean over processes
         n_tokens = sum(examples[i]["n_targets"] for i in idx)
-        loss_sum, tokens, pad_slots, slots = torch.zeros((), device=accelerator.device), 0, 0.0, 0
+        loss_sum, tokens, pad_slots, slots = 0.0, 0, 0.0, 0
 
-        # 4a. forward/backward over this process's micro-batches
+        # 4a. forward/backward over this process's micro-batches; gradients accumulate in fp32 shards
         for m in range(cfg.gradient_accumulation_steps):
             mine = [examples[i] for i in idx[(m * world + rank) * b:(m * world + rank + 1) * b]]
             lengths = [len(ex["ids"]) for ex in mine]
-            rows = pack_rows(lengths, max(cfg.pack_length, *lengths)) if cfg.packing else [[i] for i in range(len(mine))]
+            rows = pack_rows(lengths, max(cfg.pack_length, *lengths)) if cfg.packing \
+                else [[i] for i in range(len(mine))]
             batch = collate(mine, rows, tokenizer.pad_token_id, mrope=rope_index is not None)
             pixel_inputs = {}
             if batch["images"]:
-                pixel_inputs = dict(image_processor(images=[load_image(im) for im in batch["images"]], return_tensors="pt"))
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            pixel_inputs = {k: v.to(accelerator.device) for k, v in pixel_inputs.items()}
-            with accelerator.accumulate(model):
+                pixel_inputs = dict(image_processor(images=[common.open_image(im) for im in batch["images"]],
+                                                    return_tensors="pt"))
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            pixel_inputs = {k: v.to(device) for k, v in pixel_inputs.items()}
+            with amp:
                 micro_sum = token_loss_sum(model, batch, pixel_inputs)
-                accelerator.backward(micro_sum / n_tokens * world * cfg.gradient_accumulation_steps)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    if cfg.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    else:
-                        grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += micro_sum.detach()
+            (micro_sum / n_tokens * world).backward()
+            loss_sum += micro_sum.item()
             tokens += batch["tokens"]
             width = batch["input_ids"].shape[1] * batch["input_ids"].shape[0]
             slots, pad_slots = slots + width, pad_slots + batch["padding_fraction"] * width
+        grad_norm = common.grad_norm_and_clip(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
         # 4b. log: global token-mean loss, lr, grad norm, throughput, padding
-        totals = accelerator.reduce(torch.tensor([loss_sum.item(), tokens, pad_slots, slots], dtype=torch.float64, device=accelerator.device), "sum")
+        loss_sum, tokens, pad_slots, slots = common.all_reduce([loss_sum, tokens, pad_slots, slots])
         elapsed = time.time() - t0
-        record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": totals[0].item() / n_tokens,
-                  "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                  "tokens_per_s": totals[1].item() / elapsed, "padding_fraction": totals[2].item() / totals[3].item(),
+        record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4),
+                  "loss": loss_sum / n_tokens, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens / elapsed, "padding_fraction": pad_slots / slots,
                   "supervised_tokens": n_tokens, "examples": len(idx), "step_time_s": elapsed}
         if step == start_step:
             record.update({f"data/{k}": v for k, v in counts.items()})
-        if accelerator.is_main_process:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", pad=f"{record['padding_fraction']:.2f}")
-        if log_with:
-            accelerator.log(record, step=step + 1)
+        tracker.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", pad=f"{record['padding_fraction']:.2f}")
 
         # 4c. checkpoint every save_steps and at the end
         if (cfg.save_steps > 0 and (step + 1) % cfg.save_steps == 0) or step + 1 == total_steps:
-            save_checkpoint(step + 1)
+            common.save_checkpoint(cfg.output_dir, step + 1, model, optimizer, processor,
+                                   {"step": step + 1, "epoch": (step + 1) / steps_per_epoch,
+                                    "config": asdict(cfg)}, cfg.save_total_limit, save_dtype)
 
-    # ------------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------
     # 5. Final model: `from_pretrained(output_dir)` loads it with its processor
-    # ------------------------------------------------------------------------------------------------------------
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(cfg.output_dir, state_dict=state_dict)
-        processor.save_pretrained(cfg.output_dir)
-        accelerator.print(f"saved the model to {cfg.output_dir}")
-    accelerator.end_training()
+    # ------------------------------------------------------------------------------------------------
+    common.save_pretrained(cfg.output_dir, model.model, processor, save_dtype)
+    common.print0(f"saved the model to {cfg.output_dir}")
+    tracker.close()
+    common.close_distributed()
 
 
 if __name__ == "__main__":
-    (config,) = HfArgumentParser(SFTConfig).parse_args_into_dataclasses()
-    main(config)
+    main(common.parse_config(Config, __doc__))

@@ -44,7 +44,7 @@ def summarise(records: list[dict], warmup: int) -> dict:
 
 def bench_sft(model, data, out, args, *extra) -> dict:
     run("sft.py", "--model_name_or_path", model, "--dataset", data, "--output_dir", out,
-        "--max_steps", str(args.steps), "--per_device_batch_size", str(args.batch_size), "--max_examples", "2000",
+        "--max_steps", str(args.steps), "--per_device_batch_size", str(args.batch_size), "--limit", "2000",
         "--learning_rate", "1e-3", "--gradient_checkpointing", "false", "--save_steps", "0", "--freeze_vision", "false",
         *extra)
     with open(os.path.join(out, "log.jsonl")) as f:

@@ -50,8 +50,8 @@ timed "data + random model" "$RUN/random/config.json" bash -c "
 # Stage 0: the base VLM (plays Qwen2.5-VL-Instruct). Images are read by the vision tower, so it trains here.
 timed "stage 0: base VLM (sft.py, text + image rows)" "$RUN/base/config.json" \
   $PY sft.py --model_name_or_path "$RUN/random" --dataset "$RUN/data/sft/messages.jsonl" --output_dir "$RUN/base" \
-    --max_steps "$BASE_STEPS" --per_device_batch_size 32 --learning_rate 1.5e-3 --lr_schedule cosine \
-    --warmup_ratio 0.04 --freeze_vision False --gradient_checkpointing False --max_length 512 \
+    --max_steps "$BASE_STEPS" --per_device_batch_size 32 --learning_rate 1.5e-3 --lr_scheduler cosine \
+    --warmup_ratio 0.04 --freeze_vision_tower False --gradient_checkpointing False --max_length 512 \
     --save_steps 0 --seed "$SEED"
 
 # Stage 1: text-only CoT SFT, vision tower and projector frozen (the paper freezes the vision encoder).
@@ -59,8 +59,8 @@ timed "stage 0: base VLM (sft.py, text + image rows)" "$RUN/base/config.json" \
 # (--prompt_template plain): a 2M-parameter model cannot find a problem behind the paper's long prompts.
 timed "stage 1: text-only CoT SFT (sft.py)" "$RUN/sft/config.json" \
   $PY sft.py --model_name_or_path "$RUN/base" --dataset "$RUN/data/sft/cot_messages.jsonl" --output_dir "$RUN/sft" \
-    --max_steps "$SFT_STEPS" --per_device_batch_size 32 --learning_rate "$SFT_LR" --lr_schedule cosine \
-    --warmup_ratio 0.05 --freeze_vision True --freeze_projector True --gradient_checkpointing False \
+    --max_steps "$SFT_STEPS" --per_device_batch_size 32 --learning_rate "$SFT_LR" --lr_scheduler cosine \
+    --warmup_ratio 0.05 --freeze_vision_tower True --freeze_projector True --gradient_checkpointing False \
     --max_length 512 --save_steps 0 --seed "$SEED"
 
 # Stage 2: GRPO on text-only problems (paper: 8 generations, temperature 1, clip-higher, beta 1e-2).

@@ -170,12 +170,12 @@ def test_malformed_rows_name_file_row_and_field(tiny_text_dir, tmp_path):
 
 
 def test_lr_schedules():
-    cfg = sft.SFTConfig(learning_rate=1e-5)
+    cfg = sft.Config(learning_rate=1e-5)
     assert [sft.lr_at(s, 40, 10, cfg) for s in (0, 9, 10, 25, 39)] == pytest.approx([1e-5, 1e-5, 8e-6, 6.4e-6, 5.12e-6])
-    cos = sft.SFTConfig(learning_rate=1.0, lr_schedule="cosine", warmup_ratio=0.1)
+    cos = sft.Config(learning_rate=1.0, lr_scheduler="cosine", warmup_ratio=0.1)
     assert sft.lr_at(0, 100, 10, cos) == pytest.approx(0.1) and sft.lr_at(9, 100, 10, cos) == pytest.approx(1.0)
     assert sft.lr_at(10, 100, 10, cos) == pytest.approx(1.0) and sft.lr_at(55, 100, 10, cos) == pytest.approx(0.5)
-    lin = sft.SFTConfig(learning_rate=1.0, lr_schedule="linear")
+    lin = sft.Config(learning_rate=1.0, lr_scheduler="linear")
     assert sft.lr_at(50, 100, 10, lin) == pytest.approx(0.5)
 
 
