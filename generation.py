@@ -4,7 +4,7 @@
     prompts = [{"prompt": chat_prompt(engine.processor, messages), "images": [pil_image]}]
     outs = generate(engine, prompts, n=8, temperature=1.0, max_new_tokens=4096, return_logprobs=True)
     outs[i][j].text, outs[i][j].token_ids, outs[i][j].logprobs      # prompt i, sample j
-    sync_weights(engine, model, accelerator)   # after an optimizer step (the hf backend shares the model)
+    sync_weights(engine, model)   # after an optimizer step (the hf backend shares the model)
 
 - `vllm`: a vLLM engine colocated with the trainer, in this process (tensor parallel, GPU memory
   fraction, sleep/wake on GPUs). Under torchrun / accelerate each rank hosts its own engine.
@@ -25,25 +25,25 @@ The paper's forced exit (`think_budget`), identical in both backends:
 The total never exceeds `max_new_tokens`. Forced tokens were not sampled: `forced_mask` flags them and
 their log-probs are 0.0 (mask them out of the policy loss).
 
-Weight sync (vLLM): `sync_weights` streams the full state dict (tied `lm_head.weight` included: the
-CPU backend keeps a separate copy of the head) into every worker with
+Weight sync (vLLM): `sync_weights` streams the state dict (tied `lm_head.weight` included: the CPU
+backend keeps a separate copy of the head) one tensor at a time, in vLLM's dtype, into every worker with
 `collective_rpc("reload_weights")`, then resets the prefix cache, whose KV entries were computed by the
-old weights. With FSDP / DeepSpeed ZeRO-3 pass the `accelerator`: the full tensors are gathered from the
-shards one at a time (`full_state_dict`). A GRPO step with a colocated engine:
+old weights. FSDP2 shards are all-gathered one tensor at a time. A GRPO step with a colocated engine:
 
     engine = load_engine(path, "vllm", gpu_memory_utilization=0.3, enable_sleep_mode=True)
-    wake_up(engine); sync_weights(engine, model, accelerator)      # fresh weights, fresh KV cache
     outs = generate(engine, prompts, n=8, return_logprobs=True)   # old log-probs for the ratio
-    sleep(engine)                                                  # GPU memory back to the trainer
+    sleep(engine)                                                  # level 2: GPU memory to the trainer
     ...loss, backward, optimizer step...
+    wake_up(engine, ["weights"]); sync_weights(engine, model); wake_up(engine, ["kv_cache"])
 """
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+import common
 
 THINK_END = "</think>"
 
@@ -128,7 +128,7 @@ def load_engine(model_name_or_path: str, backend: str = "vllm", *, model=None, p
             # engine; consecutive ranks form a tensor-parallel group and must pass the same prompts.
             vllm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
             seed += int(os.environ.get("RANK", "0")) // tensor_parallel_size  # same within a TP group
-        if is_vlm:
+        if is_vlm:  # 0 images (text-only RL): vLLM neither profiles nor reserves memory for images
             vllm_kwargs.setdefault("limit_mm_per_prompt", {"image": max_images_per_prompt, "video": 0})
         llm = LLM(model_name_or_path, tensor_parallel_size=tensor_parallel_size,
                   gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
@@ -151,8 +151,10 @@ def generate(engine: Engine, prompts: list[dict], *, n: int = 1, temperature: fl
     """Sample n completions per prompt. prompts[i] = {"prompt": chat-templated text, "images": [PIL]}.
 
     temperature 0 means greedy. think_budget: forced exit after this many tokens of thinking (None: off).
-    seed: same seed, same samples (vLLM: prompt i, sample j uses seed + i * n + j; hf: torch.manual_seed).
-    Under torchrun give each data-parallel rank its own seed. None: the engine's running generator.
+    seed: same seed, same samples. vLLM: prompt i, sample j uses seed + i * n + j; hf: each `generate`
+    call is seeded with its first row's seed, so with batch_size = n prompt i's samples depend only on
+    seed + i * n, not on the other prompts. Under torchrun give each data-parallel rank its own seed.
+    None: the engine's running generator.
     batch_size: rows per `generate` call (hf only; vLLM schedules its own batches).
     Returns outs[i][j], the j-th completion of prompt i.
     """
@@ -161,8 +163,6 @@ def generate(engine: Engine, prompts: list[dict], *, n: int = 1, temperature: fl
     if engine.backend not in ("hf", "vllm"):
         raise ValueError(f"unknown backend {engine.backend!r}")
     sample = _sample_vllm if engine.backend == "vllm" else _sample_hf
-    if engine.backend == "hf" and seed is not None:
-        torch.manual_seed(seed)
     tok = engine.tokenizer
     kw = dict(temperature=temperature, top_p=top_p, return_logprobs=return_logprobs, batch_size=batch_size)
 
@@ -283,9 +283,36 @@ def _trim(ids: list[int], eos: set[int], tok, stop: list[str] | None) -> tuple[i
 
 
 @torch.no_grad()
+class _SampledLogprobs:
+    """A logits processor, last in `generate`'s list, so it sees the scores after temperature / top-p
+    (what was sampled from). It keeps one step's log-softmax ([batch, vocab]) and, once the next call
+    shows which token was sampled, only that token's log-prob: never `output_scores`' [batch, vocab]
+    tensor per generated token (at Qwen's 152k vocabulary ~0.6 MB per token)."""
+
+    def __init__(self, prompt_len: int):
+        self.prompt_len, self.prev, self.out = prompt_len, None, []
+
+    def _take(self, ids):
+        self.out.append(self.prev.gather(-1, ids[:, -1:].to(self.prev.device))[:, 0])
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self._take(input_ids)
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences) -> torch.Tensor:
+        if self.prev is not None and sequences.shape[1] - self.prompt_len > len(self.out):
+            self._take(sequences)
+        self.prev = None
+        return torch.stack(self.out, 1) if self.out else torch.zeros(sequences.shape[0], 0)
+
+
 def _sample_hf(engine: Engine, jobs: list[dict], *, n, temperature, top_p, return_logprobs, stop,
                batch_size):
     """Batched transformers `generate` over the jobs, n rows each. Returns per job n (ids, lps, finished)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
     model, tok = engine.model, engine.tokenizer
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
@@ -293,25 +320,34 @@ def _sample_hf(engine: Engine, jobs: list[dict], *, n, temperature, top_p, retur
     rows: list[list] = [[] for _ in jobs]
     for s in range(0, len(flat), batch_size):
         chunk = flat[s:s + batch_size]
+        if chunk[0][1]["seed"] is not None:  # the chunk's first row: job seed + its sample index
+            torch.manual_seed(chunk[0][1]["seed"] + s % n)
         inputs = _hf_inputs(engine, [j["prompt"] for _, j in chunk], [j["images"] for _, j in chunk],
                             [j["extra"] for _, j in chunk])
         greedy = temperature == 0
         # repetition_penalty 1.0 overrides checkpoints' generation_config (Qwen2.5-VL-Instruct ships
         # 1.05), as vLLM's SamplingParams do: both backends sample from plain softmax(logits / T).
         kwargs = dict(do_sample=not greedy, max_new_tokens=max(j["max_tokens"] for _, j in chunk),
-                      pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
-                      output_scores=return_logprobs, repetition_penalty=1.0)
-        if not greedy:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+                      pad_token_id=tok.pad_token_id, return_dict_in_generate=True, repetition_penalty=1.0)
         if stop:
             kwargs.update(stop_strings=stop, tokenizer=tok)
+        # Temperature and top-p as our own processors, so that the log-prob recorder runs after them
+        # (transformers appends its own warpers after any custom processor)
+        processors = LogitsProcessorList()
+        if not greedy:
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
+            if temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(temperature))
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
+        recorder = _SampledLogprobs(inputs["input_ids"].shape[1]) if return_logprobs else None
+        if recorder is not None:
+            processors.append(recorder)
+        kwargs["logits_processor"] = processors
         out = model.generate(**inputs, **kwargs)
         new = out.sequences[:, inputs["input_ids"].shape[1]:]  # [batch, new_tokens]
-        if return_logprobs:
-            # out.scores[t] are the processed logits of step t (temperature / top-p applied): what was
-            # sampled from. One log_softmax per step over the batch.
-            step_lps = torch.stack([torch.log_softmax(scores.float(), -1).gather(-1, new[:, t, None])[:, 0]
-                                    for t, scores in enumerate(out.scores)], 1).tolist()  # [batch, new_tokens]
+        if recorder is not None:
+            step_lps = recorder.finish(out.sequences).tolist()  # [batch, new_tokens]
         for b, (k, job) in enumerate(chunk):
             ids = new[b, :job["max_tokens"]].tolist()  # rows share one call; each keeps its own cap
             end, finished = _trim(ids, eos, tok, stop)
@@ -324,50 +360,22 @@ def _sample_hf(engine: Engine, jobs: list[dict], *, n, temperature, top_p, retur
 # weight sync and memory
 # ----------------------------------------------------------------------------------------------------
 
-def full_state_dict(model, accelerator=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, full tensor) for the model's weights, one at a time, with HF names (tied weights
-    under both names: vLLM's CPU backend keeps its own copy of the head). Gathers shards: FSDP2 / any
-    DTensor (`full_tensor`), and, given the `accelerator`, FSDP1 (a full state dict on every rank) and
-    DeepSpeed ZeRO-3 (`GatheredParameters`, one parameter at a time). Under FSDP / ZeRO-3 this is a
-    collective: every rank must consume it, in the same order."""
-    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed
-
-        for name, p in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
-            with deepspeed.zero.GatheredParameters([p]):
-                yield name, p.data.clone()  # vLLM buffers a layer's tensors; the gathered one is freed
-        return
-    if (accelerator is not None and accelerator.distributed_type.name == "FSDP"
-            and not getattr(accelerator, "is_fsdp2", False)):
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=False, rank0_only=False)):
-            yield from model.state_dict().items()
-        return
-    from torch.distributed.tensor import DTensor
-
-    inner = accelerator.unwrap_model(model) if accelerator is not None else getattr(model, "module", model)
-    for name, t in inner.state_dict().items():  # plain, DDP (unwrapped) or FSDP2 (DTensor shards)
-        yield name, t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def sync_weights(engine: Engine, model, accelerator=None) -> None:
-    """Push the training model's weights into the engine. vLLM: every weight of the full state dict
-    (gathered from FSDP / ZeRO-3 shards when `accelerator` is given), then a prefix-cache reset.
-    hf: no-op when the engine generates with that very model, else a state-dict copy."""
+def sync_weights(engine: Engine, model) -> None:
+    """Push a training model's weights (an HF model; its parameters may be FSDP2 shards) into the
+    engine. vLLM: streamed one tensor at a time, all-gathered from the shards and cast to vLLM's dtype
+    (common.full_weights: never the whole state dict at once; a collective under FSDP2, so every rank
+    calls it), then a prefix-cache reset. hf: no-op when the engine generates with that very model."""
     if engine.backend == "hf":
         if engine.model is not model:
-            engine.model.load_state_dict(dict(full_state_dict(model, accelerator)))
+            engine.model.load_state_dict(dict(common.full_weights(model)))
         return
-    weights = full_state_dict(model, accelerator)
+    dtype = engine.llm.llm_engine.vllm_config.model_config.dtype
+    weights = common.full_weights(model, dtype)  # a generator, with HF names (tied head included)
     executor = engine.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
     if executor not in ("uni", "external_launcher") or os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
         weights = list(weights)  # workers in other processes: the tensors travel serialised
-    # Names are the HF ones; each vLLM model's load_weights maps them (Qwen2.5-VL: model.language_model.*,
-    # model.visual.*, lm_head.* are accepted by its hf_to_vllm_mapper) and re-fuses q/k/v and gate/up.
+    # Each vLLM model's load_weights maps HF names (Qwen2.5-VL: model.language_model.*, model.visual.*,
+    # lm_head.* are accepted by its hf_to_vllm_mapper) and re-fuses q/k/v and gate/up.
     engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     engine.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
@@ -378,13 +386,15 @@ def _can_sleep(engine: Engine) -> bool:
 
 
 def sleep(engine: Engine) -> None:
-    """Free the engine's GPU memory (level 1: weights offloaded to CPU RAM, KV cache dropped) while the
-    trainer works. Needs `enable_sleep_mode=True` at load; otherwise, for hf and on the CPU a no-op."""
+    """Free the engine's GPU memory while the trainer works: sleep level 2 discards the weights (the
+    trainer pushes fresh ones anyway: level 1 would copy 15 GB to host memory and back for nothing)
+    and the KV cache. Needs `enable_sleep_mode=True` at load; otherwise, for hf and on the CPU a no-op."""
     if _can_sleep(engine):
-        engine.llm.sleep(level=1)
+        engine.llm.sleep(level=2)
 
 
-def wake_up(engine: Engine) -> None:
-    """Take the GPU memory back before generating (then `sync_weights`). No-op where `sleep` is."""
+def wake_up(engine: Engine, tags: list[str] | None = None) -> None:
+    """Take GPU memory back: tags=["weights"] before `sync_weights`, then ["kv_cache"], so the push
+    never has the KV cache allocated next to the trainer's gathered tensors. No-op where `sleep` is."""
     if _can_sleep(engine):
-        engine.llm.wake_up()
+        engine.llm.wake_up(tags=tags)

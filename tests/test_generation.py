@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+import common
 import generation
 from conftest import run_script
 from generation import THINK_END, Completion, chat_prompt, generate, load_engine, sync_weights
@@ -150,12 +151,12 @@ def test_hf_vlm_image_prompt_forced_exit(request):
     assert check_forced_exit(engine, outs, 4, 10) >= 3
 
 
-def test_full_state_dict_and_hf_sync(tiny_text_dir, hf_engine):
+def test_full_weights_and_hf_sync(tiny_text_dir, hf_engine):
     trained = copy.deepcopy(hf_engine.model)
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.01)
-    sd = dict(generation.full_state_dict(trained))
+    sd = dict(common.full_weights(trained))
     assert "lm_head.weight" in sd and "model.embed_tokens.weight" in sd  # tied: both names travel
     engine = load_engine(tiny_text_dir, backend="hf")  # its own copy of the weights
     sync_weights(engine, trained)
@@ -168,17 +169,16 @@ FSDP2_SCRIPT = """
 import sys, torch
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
-from accelerate import Accelerator
 sys.path.insert(0, sys.argv[2])
-import generation
-acc = Accelerator(cpu=True)
+import common
+common.init_distributed()
 want = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).state_dict()
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
 for layer in model.model.layers:
     fully_shard(layer)
 fully_shard(model)
 assert type(model.state_dict()["model.layers.0.mlp.up_proj.weight"]).__name__ == "DTensor"
-full = dict(generation.full_state_dict(model, acc))
+full = dict(common.full_weights(model))
 assert full.keys() == want.keys(), set(full) ^ set(want)
 assert all(torch.equal(full[k], want[k]) for k in want)
 sys.stdout.write(f"gathered={len(full)}\\n")  # one write: the ranks share stdout
@@ -186,7 +186,7 @@ sys.stdout.write(f"gathered={len(full)}\\n")  # one write: the ranks share stdou
 
 
 @pytest.mark.slow
-def test_full_state_dict_gathers_fsdp2_shards(tiny_text_dir, tmp_path):
+def test_full_weights_gathers_fsdp2_shards(tiny_text_dir, tmp_path):
     """Two ranks (gloo) shard the model with FSDP2; every rank gets the full, unsharded weights."""
     script = tmp_path / "fsdp2_gather.py"
     script.write_text(FSDP2_SCRIPT)

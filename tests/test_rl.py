@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import common
 import rl
 from conftest import ROOT, run_script
 
@@ -46,7 +47,7 @@ def test_policy_loss_hand_values():
     assert stats["ratio_mean"] == pytest.approx((1.5 + 0.5 + 1.5 + 0.5 + 1.0) / 5)
     assert stats["kl"] == 0.0
     # k3 KL with ref = pi * 2 on every token: 2 - ln 2 - 1
-    loss_kl, stats = rl.policy_loss(logp, old, adv, mask, 0.2, 0.28, ref_logprobs=logp + LN2, beta=0.1)
+    loss_kl, stats = rl.policy_loss(logp, old, adv, mask, None, 0.2, 0.28, ref_logprobs=logp + LN2, beta=0.1)
     assert stats["kl"] == pytest.approx(1 - LN2)
     assert loss_kl.item() == pytest.approx(loss.item() + 0.1 * (1 - LN2), abs=1e-6)
     # per-token advantages [B, T] (how rl.py applies the TIS weights) equal the [B] form when constant
@@ -84,11 +85,12 @@ def test_microbatch_normalisation_is_the_step_token_mean():
     for mbs in ranks:
         total = 0
         for sl in mbs:
-            l, _ = rl.policy_loss(logp[sl], old[sl], adv[sl], mask[sl])
-            means.append(l)
-            total = total + l * rl.microbatch_scale(mask[sl].sum().item(), step_tokens, world_size=2)
+            # policy_loss is told the step's token count (over both ranks / 2, as gradients are averaged)
+            l, _ = rl.policy_loss(logp[sl], old[sl], adv[sl], mask[sl], num_tokens=step_tokens / 2)
+            means.append(rl.policy_loss(logp[sl], old[sl], adv[sl], mask[sl])[0])
+            total = total + l
         per_rank.append(total)
-    ddp = sum(per_rank) / 2  # what DDP's gradient averaging amounts to
+    ddp = sum(per_rank) / 2  # what FSDP's / DDP's gradient averaging amounts to
     assert ddp.item() == pytest.approx(full.item(), rel=1e-6)
     assert torch.allclose(torch.autograd.grad(ddp, logp)[0], g_full, atol=1e-7)
     assert abs(sum(means).item() / len(means) - full.item()) > 1e-3  # the naive mean differs
@@ -111,12 +113,42 @@ def test_normalize_rows(tmp_path):
     assert rl.normalize_row({"question": "Q", "answer": "Natalia ... #### 72"}, 2, "gsm8k.jsonl")["answer"] == "72"
     path = tmp_path / "d.jsonl"
     path.write_text("{}")
-    row = rl.normalize_row({"question": "Q", "answer": "1", "images": ["images/a.png"]}, 3, str(path))
+    row = rl.normalize_row({"question": "Q", "answer": "1", "images": ["images/a.png"]}, 3, str(path), str(tmp_path))
     assert row["images"] == [str(tmp_path / "images" / "a.png")]
     with pytest.raises(ValueError, match=r"bad\.jsonl: row 7: missing field 'question'"):
         rl.normalize_row({"prompt": "Q", "answer": "1"}, 7, "bad.jsonl")
     with pytest.raises(ValueError, match=r"orz\.json: row 4: Orz-math pair"):
         rl.normalize_row([{"from": "human", "value": "Q"}], 4, "orz.json")
+
+
+def test_vision_parts_are_frozen_the_same_way_as_in_sft():
+    """One rule for every stage: a LLaVA-style tower frozen in SFT must not train in RL (rl.py used to
+    freeze only Qwen's `visual.`)."""
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name in ("vision_tower", "multi_modal_projector", "language_model"):
+                setattr(self, name, torch.nn.Linear(2, 2))
+    for freeze_projector in (False, True):
+        m = Toy()
+        common.freeze_vision(m, freeze_vision_tower=True, freeze_projector=freeze_projector)
+        assert [n for n, p in m.named_parameters() if p.requires_grad] == [
+            "multi_modal_projector.weight", "multi_modal_projector.bias"] * (not freeze_projector) + [
+            "language_model.weight", "language_model.bias"]
+    assert rl.Config.__dataclass_fields__["freeze_projector"].default is False  # the same flag names
+    assert "freeze_merger" not in rl.Config.__dataclass_fields__
+
+
+def test_an_earlier_runs_folder_is_refused_without_resume(tiny_vl_dir, tmp_path):
+    """A second run into a folder with checkpoints must not append to the first run's log/samples."""
+    out = tmp_path / "run"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "completions.jsonl").write_text('{"step": 1}\n')
+    cmd = [sys.executable, "rl.py", "--model_name_or_path", tiny_vl_dir, "--dataset", "unused.json",
+           "--output_dir", str(out), "--backend", "hf"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ENV})
+    assert proc.returncode != 0 and "holds checkpoints of an earlier run" in proc.stderr
+    assert (out / "completions.jsonl").read_text() == '{"step": 1}\n'
 
 
 def test_step_prompt_indices_cover_each_epoch_once():
@@ -154,7 +186,7 @@ def test_collate_logprobs_match_unpadded_forward(tiny_vl_dir):
     T = 0.7
     with torch.no_grad():
         batch = rl.collate(samples, tok.pad_token_id, "cpu")
-        logp, ent = rl.completion_logprobs(model, batch, T, with_entropy=True)
+        logp, ent = rl.completion_logprobs(common.LogProbModel(model, chunk_size=4), batch, T, with_entropy=True)
         assert logp.shape == (3, 5) and batch["mask"].sum().item() == 10
         for k, s in enumerate(samples):
             ids = torch.tensor([s["prompt_ids"] + s["completion_ids"]])
@@ -269,17 +301,18 @@ def sft_toy_adder(src, out, steps=80, lr=3e-3, noise=1.0, pairs=FOURS, seed=0):
     sum). The model learns the format; how often it answers right is then up to RL."""
     import generation
     import rewards
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    _, tok = generation.load_processor(src)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    processor, tok = generation.load_processor(src)
+    auto = AutoModelForImageTextToText if hasattr(processor, "image_processor") else AutoModelForCausalLM
+    model = auto.from_pretrained(src, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     for _ in range(steps):
         ids, labels = [], []
         for _ in range(16):
             a, b = rng.choice(pairs)
-            p = tok(rl.build_prompt(tok, {"question": f"What is {a} + {b}?", "options": None, "images": []}),
+            p = tok(rl.build_prompt(processor, {"question": f"What is {a} + {b}?", "options": None, "images": []}),
                     add_special_tokens=False)["input_ids"]
             ans = rng.randrange(9) if rng.random() < noise else a + b
             c = tok(rewards.format_response(f"{a} + {b}", str(ans)) + "<|im_end|>", add_special_tokens=False)["input_ids"]
@@ -294,8 +327,20 @@ def sft_toy_adder(src, out, steps=80, lr=3e-3, noise=1.0, pairs=FOURS, seed=0):
         opt.step()
         opt.zero_grad()
     model.save_pretrained(out)
-    tok.save_pretrained(out)
+    processor.save_pretrained(out)
     return str(out)
+
+
+def mixed_adder_data(tmp_path):
+    """The adder questions as text rows, and two rows whose question is an image (answer 4 too)."""
+    os.makedirs(tmp_path / "images", exist_ok=True)
+    rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in FOURS]
+    for i, (a, b) in enumerate(FOURS[:3]):
+        _draw(a, b).save(tmp_path / "images" / f"q{i}.png")
+        rows.append({"question": "Solve the problem.", "answer": str(a + b), "images": [f"images/q{i}.png"]})
+    with open(tmp_path / "mixed.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(tmp_path / "mixed.jsonl")
 
 
 def sampled_accuracy(model_dir, pairs=FOURS, n=64):
