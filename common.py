@@ -27,8 +27,11 @@ def parse_config(config_cls, doc: str, args=None):
     """Parse the command line into `config_cls` (a dataclass) with `doc` as the usage text."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(config_cls, description=doc, formatter_class=HelpFormatter)
-    (cfg,) = parser.parse_args_into_dataclasses(args=args)
+    # allow_abbrev=False: a renamed or misspelt flag is an error, never a silent prefix match
+    parser = HfArgumentParser(config_cls, description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
+    cfg, rest = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return cfg
 
 

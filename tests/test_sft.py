@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, run_script
 
+import common
 import rewards
 import sft
 
@@ -118,7 +119,7 @@ def test_packed_logits_equal_unpacked_per_example(tiny_vl_dir, tmp_path):
 
     def run(exs, rows):
         batch = sft.collate(exs, rows, pad, mrope=True)
-        pixels = dict(processor.image_processor(images=[sft.load_image(i) for i in batch["images"]], return_tensors="pt")) if batch["images"] else {}
+        pixels = dict(processor.image_processor(images=[common.open_image(i) for i in batch["images"]], return_tensors="pt")) if batch["images"] else {}
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None, use_cache=False, **pixels).logits
         return batch, logits
@@ -131,13 +132,18 @@ def test_packed_logits_equal_unpacked_per_example(tiny_vl_dir, tmp_path):
         _, alone = run([ex], [[0]])
         torch.testing.assert_close(logits[0, start:start + n], alone[0], atol=2e-5, rtol=1e-4)
         start += n
-    # the batch loss (sum over supervised tokens) is the same packed, padded, or one example at a time
+    # the batch loss (sum over supervised tokens) is the same packed, padded, or one example at a time,
+    # and the chunked head (8 tokens a chunk here) equals full [rows, width, vocab] logits + cross-entropy
+    full = torch.nn.functional.cross_entropy(logits[0], packed["targets"][0], ignore_index=-100, reduction="sum")
+    model = common.LogProbModel(model, chunk_size=8)
     with torch.no_grad():
-        total_packed = sft.token_loss_sum(model, packed, dict(processor.image_processor(images=[sft.load_image(i) for i in packed["images"]], return_tensors="pt")))
+        total_packed = sft.token_loss_sum(model, packed, dict(processor.image_processor(images=[common.open_image(i) for i in packed["images"]], return_tensors="pt")))
         padded = sft.collate(examples, [[0], [1], [2], [3]], pad, mrope=True)
         assert padded["padding_fraction"] > 0
-        total_padded = sft.token_loss_sum(model, padded, dict(processor.image_processor(images=[sft.load_image(i) for i in padded["images"]], return_tensors="pt")))
+        total_padded = sft.token_loss_sum(model, padded, dict(processor.image_processor(images=[common.open_image(i) for i in padded["images"]], return_tensors="pt")))
     torch.testing.assert_close(total_packed, total_padded, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(total_packed, full, atol=1e-5, rtol=1e-6)
+    model = model.model
     # sanity: the same row without per-example positions lets the second example see the first
     b, lg = run([examples[0], examples[2]], [[0, 1]])
     with torch.no_grad():
@@ -194,7 +200,7 @@ def test_training_lowers_loss_and_the_saved_model_generates(tiny_vl_dir, sft_dat
     out = str(tmp_path / "run")
     run_script("sft.py", "--model_name_or_path", tiny_vl_dir, "--dataset", str(sft_data / "messages.jsonl"),
                "--output_dir", out, "--max_steps", "30", "--per_device_batch_size", "8", "--learning_rate", "2e-3",
-               "--freeze_vision", "false", "--gradient_checkpointing", "false", "--save_steps", "0",
+               "--freeze_vision_tower", "false", "--gradient_checkpointing", "false", "--save_steps", "0",
                env={"OMP_NUM_THREADS": "1"})
     log = read_log(out)
     assert len(log) == 30 and {"loss", "lr", "grad_norm", "tokens_per_s", "padding_fraction"} <= set(log[0])
@@ -207,7 +213,7 @@ def test_training_lowers_loss_and_the_saved_model_generates(tiny_vl_dir, sft_dat
     assert not torch.equal(model.model.visual.blocks[0].mlp.up_proj.weight, before.model.visual.blocks[0].mlp.up_proj.weight)
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read the problem."}]}],
                                          tokenize=False, add_generation_prompt=True)
-    inputs = processor(text=[text], images=[sft.load_image(str(sft_data / "images" / "1.png"))], return_tensors="pt")
+    inputs = processor(text=[text], images=[common.open_image(str(sft_data / "images" / "1.png"))], return_tensors="pt")
     gen = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert gen.shape[1] > inputs["input_ids"].shape[1]
 
@@ -216,7 +222,7 @@ def test_frozen_vision_by_default(tiny_vl_dir, sft_data, tmp_path):
     out = str(tmp_path / "run")
     run_script("sft.py", "--model_name_or_path", tiny_vl_dir, "--dataset", str(sft_data / "messages.jsonl"),
                "--output_dir", out, "--max_steps", "2", "--per_device_batch_size", "8", "--learning_rate", "1e-2",
-               "--save_steps", "0", env={"OMP_NUM_THREADS": "1"})
+               "--save_steps", "0", "--save_dtype", "float32", env={"OMP_NUM_THREADS": "1"})
     from safetensors.torch import load_file
     new, old = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(tiny_vl_dir, "model.safetensors"))
     vision = [k for k in new if "visual" in k and "merger" not in k]
@@ -227,17 +233,18 @@ def test_frozen_vision_by_default(tiny_vl_dir, sft_data, tmp_path):
 
 def train_args(model_dir, data, out, *extra):
     return ["sft.py", "--model_name_or_path", model_dir, "--dataset", str(data), "--output_dir", out,
-            "--learning_rate", "1e-3", "--gradient_checkpointing", "false", "--lr_schedule", "cosine", *extra]
+            "--learning_rate", "1e-3", "--gradient_checkpointing", "false", "--lr_scheduler", "cosine", *extra]
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_text_dir, sft_data, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     data = sft_data / "openthoughts.jsonl"
     env = {"OMP_NUM_THREADS": "1"}
-    run_script(*train_args(tiny_text_dir, data, one, "--max_steps", "4", "--per_device_batch_size", "4", "--save_steps", "0"), env=env)
+    run_script(*train_args(tiny_text_dir, data, one, "--max_steps", "4", "--per_device_batch_size", "4", "--save_steps", "0",
+                           "--save_dtype", "float32"), env=env)
     run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                *train_args(tiny_text_dir, data, two, "--max_steps", "4", "--per_device_batch_size", "1",
-                           "--gradient_accumulation_steps", "2", "--save_steps", "0"), env=env)
+                           "--gradient_accumulation_steps", "2", "--save_steps", "0", "--save_dtype", "float32"), env=env)
     a, b = read_log(one), read_log(two)
     assert [r["examples"] for r in b] == [4] * 4 and [r["supervised_tokens"] for r in a] == [r["supervised_tokens"] for r in b]
     for ra, rb in zip(a, b):
@@ -252,10 +259,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_text_dir, sft_d
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_text_dir, sft_data, tmp_path):
     data = sft_data / "openthoughts.jsonl"
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
-    common = ("--max_steps", "12", "--per_device_batch_size", "8", "--save_steps", "4")  # crosses an epoch (8 steps)
+    steps = ("--max_steps", "12", "--per_device_batch_size", "8", "--save_steps", "4",  # crosses an epoch (8 steps)
+             "--save_dtype", "float32")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run_script(*train_args(tiny_text_dir, data, ref, *common), env=env)
-    proc = subprocess.Popen([sys.executable, *train_args(tiny_text_dir, data, cut, *common)], cwd=ROOT, env=env,
+    run_script(*train_args(tiny_text_dir, data, ref, *steps), env=env)
+    proc = subprocess.Popen([sys.executable, *train_args(tiny_text_dir, data, cut, *steps)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not os.path.isdir(os.path.join(cut, "checkpoint-4")) and proc.poll() is None and time.time() < deadline:
@@ -263,7 +271,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_text_dir, sft_dat
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(os.path.join(cut, "checkpoint-12")), "the run finished before it could be killed"
-    run_script(*train_args(tiny_text_dir, data, cut, *common, "--resume"), env=env)
+    run_script(*train_args(tiny_text_dir, data, cut, *steps, "--resume"), env=env)
     a, b = read_log(ref), read_log(cut)
     assert [r["step"] for r in b] == list(range(1, 13))
     for ra, rb in zip(a, b):
@@ -276,11 +284,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_text_dir, sft_dat
 
 def test_load_rows_reads_parquet_and_save_to_disk(sft_data, tmp_path):
     import datasets
-    rows, base = sft.load_rows(str(sft_data / "openthoughts.jsonl"))
+    rows, base = common.load_rows(str(sft_data / "openthoughts.jsonl"))
     ds = datasets.Dataset.from_list(rows)
     ds.to_parquet(str(tmp_path / "ot.parquet"))
     ds.save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved_dict"))
     for path in ("ot.parquet", "saved", "saved_dict"):
-        got, _ = sft.load_rows(str(tmp_path / path))
+        got, _ = common.load_rows(str(tmp_path / path))
         assert len(got) == 64 and sft.row_to_conversation(got[3], "", False) == sft.row_to_conversation(rows[3], "", False)
