@@ -15,8 +15,9 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def torchrun(*args, port):
-    return run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args,
-                      env=ENV, timeout=600)
+    """Two processes, started exactly as the README starts 8: accelerate launch with configs/8gpu.yaml."""
+    return run_script("-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, "configs", "8gpu.yaml"),
+                      "--num_processes", "2", "--main_process_port", str(port), *args, env=ENV, timeout=600)
 
 
 def read_log(out):
