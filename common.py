@@ -7,6 +7,7 @@ the bottom.
 """
 
 import argparse
+import inspect
 import io
 import json
 import os
@@ -330,6 +331,42 @@ class LogProbModel(torch.nn.Module):
             logp = logp + 0.0 * sum(p.sum() for n, p in self.model.named_parameters()
                                     if p.requires_grad and vision_part(n))
         return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packing: several sequences in one row, each with its own position ids (restarting at 0). transformers
+# turns position-id resets into a block-diagonal attention mask (sdpa / eager) or varlen kernels
+# (flash attention), so packed sequences never see each other.
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: example indices grouped into rows of at most `capacity` tokens."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = next((k for k, r in enumerate(room) if r >= lengths[i]), None)
+        if k is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[k].append(i)
+            room[k] -= lengths[i]
+    return rows
+
+
+
+def make_rope_index(model, image_token_id: int):
+    """Qwen2/2.5-VL's M-RoPE position ids for one example (input_ids [1, L]) -> [3, L]."""
+    get_rope_index = getattr(getattr(model, "model", model), "get_rope_index", None)
+    if get_rope_index is None:
+        return None
+    takes_types = "mm_token_type_ids" in inspect.signature(get_rope_index).parameters  # transformers >= 5.x
+
+    def rope_index(input_ids, image_grid_thw):
+        kwargs = {"image_grid_thw": image_grid_thw}
+        if takes_types:
+            kwargs["mm_token_type_ids"] = (input_ids == image_token_id).int()
+        with torch.no_grad():
+            return get_rope_index(input_ids, **kwargs)[0][:, 0]
+    return rope_index
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -282,7 +282,6 @@ def _trim(ids: list[int], eos: set[int], tok, stop: list[str] | None) -> tuple[i
     return (end, True) if end is not None else (len(ids), False)
 
 
-@torch.no_grad()
 class _SampledLogprobs:
     """A logits processor, last in `generate`'s list, so it sees the scores after temperature / top-p
     (what was sampled from). It keeps one step's log-softmax ([batch, vocab]) and, once the next call
@@ -308,6 +307,7 @@ class _SampledLogprobs:
         return torch.stack(self.out, 1) if self.out else torch.zeros(sequences.shape[0], 0)
 
 
+@torch.no_grad()
 def _sample_hf(engine: Engine, jobs: list[dict], *, n, temperature, top_p, return_logprobs, stop,
                batch_size):
     """Batched transformers `generate` over the jobs, n rows each. Returns per job n (ids, lps, finished)."""

@@ -144,9 +144,19 @@ class Config:
         default=128,
         metadata={"help": "prompts per optimizer step, all ranks together (paper: 128)"},
     )
+    packing: bool = field(
+        default=True,
+        metadata={"help": "pack the step's sequences into rows (position ids restart per sequence) and "
+                          "micro-batches of micro_batch_tokens: no padding; off = micro_batch_size "
+                          "padded sequences per pass. Memory and speed only, the math is the same"},
+    )
+    micro_batch_tokens: int = field(
+        default=10240,
+        metadata={"help": "packing: tokens (padding included) per forward/backward on a rank"},
+    )
     micro_batch_size: int = field(
         default=2,
-        metadata={"help": "sequences per forward/backward on a rank: memory only, the math is the same"},
+        metadata={"help": "without packing: sequences per forward/backward on a rank"},
     )
     num_epochs: int = field(
         default=3,
@@ -414,49 +424,86 @@ def step_prompt_indices(step, num_rows, prompts_per_step, seed):
     return order[pos * prompts_per_step:(pos + 1) * prompts_per_step]
 
 
-def collate(samples, pad_id, device, placeholders=()):
-    """Left-pad prompts and right-pad completions so every completion starts at the same column:
-    input_ids [B, P + C], completion_ids / mask / advantages / sampler log-probs [B, C].
-    `placeholders`: image/video token ids; one sampled inside a completion is fed as padding
-    (the sample's loss_mask excludes it)."""
-    P = max(len(s["prompt_ids"]) for s in samples)
-    C = max(len(s["completion_ids"]) for s in samples)
-    ids, attn, comp, mask, slp = [], [], [], [], []
-    for s in samples:
-        p, c = s["prompt_ids"], s["completion_ids"]
-        c_in = [pad_id if t in placeholders else t for t in c]  # a sampled image placeholder has no image
-        ids.append([pad_id] * (P - len(p)) + p + c_in + [pad_id] * (C - len(c)))
-        attn.append([0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c)))
-        comp.append(c + [pad_id] * (C - len(c)))
-        mask.append(s["loss_mask"] + [0] * (C - len(c)))
-        slp.append(s["sampler_logprobs"] + [0.0] * (C - len(c)))
-    batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(attn), "completion_ids": torch.tensor(comp),
-             "mask": torch.tensor(mask, dtype=torch.float32), "sampler_logprobs": torch.tensor(slp),
-             "advantages": torch.tensor([s["advantage"] for s in samples], dtype=torch.float32)}
-    vision = [s["vision"] for s in samples if s["vision"]]
-    if vision:  # images of the rows in order; rows without images contribute none
+def microbatches(samples, cfg):
+    """Split the step's samples into micro-batches of rows (lists of sample indices).
+    packing: sequences bin-packed (first-fit decreasing) into rows no longer than the step's longest
+    sequence, rows grouped into micro-batches of at most `micro_batch_tokens` tokens (padding included),
+    so a step needs as few forward/backward passes as its tokens require. Otherwise: one sequence per
+    row, `micro_batch_size` rows per micro-batch, in sample order (the padded path)."""
+    lengths = [len(s["prompt_ids"]) + len(s["completion_ids"]) for s in samples]
+    if not cfg.packing:
+        rows = [[i] for i in range(len(samples))]
+        return [rows[i:i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
+    rows = sorted(common.pack_rows(lengths, max(lengths)), key=lambda r: -sum(lengths[i] for i in r))
+    mbs, widest = [], 0
+    for row in rows:  # widest rows first: a micro-batch's rows pad to its first row's width
+        width = sum(lengths[i] for i in row)
+        if mbs and (len(mbs[-1]) + 1) * widest <= cfg.micro_batch_tokens:
+            mbs[-1].append(row)
+        else:
+            mbs.append([row])
+            widest = width
+    return mbs
+
+
+def collate(samples, rows, pad_id, device, placeholders=()):
+    """Rows of samples (prompt + completion, each with position ids from 0) -> model inputs.
+
+    Everything per token is laid out [R, W] at the column whose logits predict it: completion token j
+    of a sample starting at column t with a prompt of P tokens sits at t + P - 1 + j (targets, mask,
+    advantages, sampler / old / reference log-probs; 0 / -100 elsewhere). Qwen2.5-VL gets 4-row
+    position ids [4, R, W] (text positions, which mark the sequence boundaries, + the 3 M-RoPE rows).
+    `placeholders`: image/video token ids; one sampled inside a completion is fed as padding."""
+    W = max(sum(len(samples[i]["prompt_ids"]) + len(samples[i]["completion_ids"]) for i in row) for row in rows)
+    R = len(rows)
+    ids = torch.full((R, W), pad_id, dtype=torch.long)
+    targets = torch.full((R, W), -100, dtype=torch.long)
+    pos = torch.zeros((R, W), dtype=torch.long)
+    mrope = any(samples[i].get("rope") is not None for row in rows for i in row)
+    rope = torch.zeros((3, R, W), dtype=torch.long)
+    per_token = {k: torch.zeros((R, W)) for k in ("mask", "advantages", "sampler_logprobs", "old_logprobs",
+                                                  "ref_logprobs")}
+    vision, spans = [], []
+    for r, row in enumerate(rows):
+        t = 0
+        for i in row:
+            s = samples[i]
+            p, c = s["prompt_ids"], s["completion_ids"]
+            n = len(p) + len(c)
+            ids[r, t:t + n] = torch.tensor(p + [pad_id if x in placeholders else x for x in c])
+            pos[r, t:t + n] = torch.arange(n)
+            rope[:, r, t:t + n] = s["rope"] if s.get("rope") is not None else torch.arange(n)
+            cols = slice(t + len(p) - 1, t + n - 1)  # the columns predicting the completion's tokens
+            spans.append((i, r, cols))
+            targets[r, cols] = torch.tensor(c)
+            per_token["mask"][r, cols] = torch.tensor(s["loss_mask"], dtype=torch.float32)
+            per_token["advantages"][r, cols] = s["advantage"]
+            for k in ("sampler_logprobs", "old_logprobs", "ref_logprobs"):
+                if k in s:
+                    per_token[k][r, cols] = torch.as_tensor(s[k], dtype=torch.float32)
+            if s["vision"]:
+                vision.append(s["vision"])  # row-major: the order of the image tokens in the batch
+            t += n
+        pos[r, t:] = torch.arange(W - t)  # padding: a segment of its own
+        rope[:, r, t:] = torch.arange(W - t)
+    batch = {"input_ids": ids, "targets": targets, "position_ids": torch.cat([pos[None], rope]) if mrope else pos,
+             **{k: v for k, v in per_token.items() if k in ("mask", "advantages", "sampler_logprobs")
+                or any(k in samples[i] for row in rows for i in row)}}
+    if vision:
         batch["pixel_values"] = torch.cat([v["pixel_values"] for v in vision])
         batch["image_grid_thw"] = torch.cat([v["image_grid_thw"] for v in vision])
-    for key in ("old_logprobs", "ref_logprobs"):
-        if key in samples[0]:
-            batch[key] = torch.nn.utils.rnn.pad_sequence([s[key] for s in samples], batch_first=True)
-    return {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["spans"] = spans  # (sample index, row, columns): to read per-sample values back
+    return batch
 
 
 def completion_logprobs(model, batch, temperature, with_entropy=False):
-    """log pi(token) of each completion token under log_softmax(logits / T), the distribution the
-    sampler drew from, and (optionally) the entropy there: [B, C] each.
-
-    Layout (what `collate` makes): input_ids [B, P + C] = prompt left-padded to P columns, then the
-    completion right-padded to C, so the logits at column P - 1 + j predict completion token j.
-    model: a common.LogProbModel (the head runs only on those C columns, in chunks)."""
-    B, C = batch["completion_ids"].shape
-    P = batch["input_ids"].shape[1] - C
-    targets = torch.full_like(batch["input_ids"], -100)  # [B, P + C]
-    targets[:, P - 1:P - 1 + C] = batch["completion_ids"].masked_fill(batch["attention_mask"][:, P:] == 0, -100)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw") if k in batch}
-    logp, entropy = model(targets=targets, temperature=temperature, with_entropy=with_entropy, **inputs)
-    return logp[:, P - 1:P - 1 + C], (entropy[:, P - 1:P - 1 + C] if with_entropy else None)
+    """log pi(token) under log_softmax(logits / T) (the distribution the sampler drew from) at every
+    column of `collate`'s layout that predicts a completion token, and the entropy there: [R, W] each
+    (0 elsewhere). model: a common.LogProbModel (the LM head runs only on those columns, in chunks)."""
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "pixel_values", "image_grid_thw") if k in batch}
+    return model(targets=batch["targets"], temperature=temperature, with_entropy=with_entropy,
+                 attention_mask=None, **inputs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -506,8 +553,9 @@ def dynamic_sampling(groups, sample_more, cfg):
     return (keep + rest + [g for g in groups if g["rewards"] is None])[:len(groups)], refilled
 
 
-def make_samples(groups, cfg, processor, tokenizer, placeholders):
-    """3. Group-normalised advantages, and one training sample per completion."""
+def make_samples(groups, cfg, processor, tokenizer, placeholders, rope_index=None):
+    """3. Group-normalised advantages, and one training sample per completion (with its M-RoPE
+    positions, [3, L], for Qwen2.5-VL prompts with images)."""
     G = cfg.num_generations
     flat = [r for g in groups for r in (g["rewards"] if g["rewards"] is not None else [0.0] * G)]
     advantages = group_advantages(flat, G, cfg.scale_rewards).tolist()
@@ -515,11 +563,15 @@ def make_samples(groups, cfg, processor, tokenizer, placeholders):
     for gi, g in enumerate(groups):
         prompt_ids, vision = encode_prompt(processor, tokenizer, g["row"]["prompt"], g["images"])
         for j, c in enumerate(g["completions"]):
+            rope = None
+            if rope_index is not None and vision:  # positions of prompt + completion, images included
+                ids = torch.tensor([prompt_ids + (list(c.token_ids) or [tokenizer.pad_token_id])])
+                rope = rope_index(ids, vision["image_grid_thw"])
             train_on = g["rewards"] is not None and not (
                 c.finish_reason == "length" and cfg.mask_truncated_completions)
             forced = c.forced_mask or [0] * len(c.token_ids)  # forced `</think>`: context, no loss
             mask = [int(train_on and not f and t not in placeholders) for t, f in zip(c.token_ids, forced)]
-            samples.append({"prompt_ids": prompt_ids, "vision": vision,
+            samples.append({"prompt_ids": prompt_ids, "vision": vision, "rope": rope,
                             "completion_ids": list(c.token_ids) or [tokenizer.pad_token_id],
                             "loss_mask": mask or [0], "advantage": advantages[gi * G + j],
                             "sampler_logprobs": list(c.logprobs or [0.0] * len(c.token_ids)) or [0.0]})
@@ -631,6 +683,7 @@ def main(cfg: Config):
                                   betas=(cfg.adam_beta1, cfg.adam_beta2))
     policy = model.model  # the HF model (its parameters are FSDP2 shards under several processes)
     placeholders = {getattr(policy.config, k, None) for k in ("image_token_id", "video_token_id")} - {None}
+    rope_index = common.make_rope_index(policy, policy.config.image_token_id) if max_images else None
     start_step = common.load_training_state(resume_dir, model, optimizer)["step"] if resume_dir else 0
     if main_proc:  # the log and the samples must match the checkpoint we continue from
         for name in ("log.jsonl", "completions.jsonl"):
@@ -681,21 +734,17 @@ def main(cfg: Config):
 
         # ==== 3. advantages, per group (groups never span ranks) ====
         t0 = time.time()
-        samples = make_samples(groups, cfg, processor, tokenizer, placeholders)
+        samples = make_samples(groups, cfg, processor, tokenizer, placeholders, rope_index)
         # the token-level mean runs over every masked token of the step, on every rank
         step_tokens = common.all_reduce([sum(sum(s["loss_mask"]) for s in samples)])[0]
-        microbatches = [samples[i:i + cfg.micro_batch_size] for i in range(0, len(samples), cfg.micro_batch_size)]
+        batches = [collate(samples, rows_, tokenizer.pad_token_id, device, placeholders)
+                   for rows_ in microbatches(samples, cfg)]  # per token: [R, W] in collate's layout
 
         # ==== 4. log-probs before the update: the old policy (several updates only), the reference ====
         with torch.no_grad(), amp:
-            for mb in microbatches if cfg.num_iterations > 1 or ref_model is not None else []:
-                batch = collate(mb, tokenizer.pad_token_id, device, placeholders)
-                for key, m in (("old_logprobs", model if cfg.num_iterations > 1 else None),
-                               ("ref_logprobs", ref_model)):
-                    if m is not None:
-                        lp = completion_logprobs(m, batch, cfg.temperature)[0]  # [B, C]
-                        for k, s in enumerate(mb):
-                            s[key] = lp[k, :len(s["completion_ids"])].cpu()
+            for key, m in (("old_logprobs", model if cfg.num_iterations > 1 else None), ("ref_logprobs", ref_model)):
+                for batch in batches if m is not None else []:
+                    batch[key] = completion_logprobs(m, batch, cfg.temperature)[0]  # [R, W]
 
         # ==== 5. update: clipped, token-level policy gradient over the whole step ====
         train = dict.fromkeys(["train_tokens", "train_clip", "train_kl", "train_entropy", "train_gap",
@@ -706,14 +755,13 @@ def main(cfg: Config):
                                                total_updates, cfg.lr_scheduler)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for mb in microbatches:
-                batch = collate(mb, tokenizer.pad_token_id, device, placeholders)
+            for batch in batches:
                 with amp:
                     logp, entropy = completion_logprobs(model, batch, cfg.temperature, with_entropy=it == 0)
                 old = batch.get("old_logprobs", logp.detach())  # on-policy: ratio 1, gradient A * grad log pi
-                adv, mask = batch["advantages"].unsqueeze(-1), batch["mask"]  # [B, 1], [B, C]
+                adv, mask = batch["advantages"], batch["mask"]  # [R, W]: per token
                 if cfg.tis_cap > 0:  # weighting A is weighting the token's clipped term (w > 0)
-                    w = tis_weights(old, batch["sampler_logprobs"], cfg.tis_cap)  # [B, C]
+                    w = tis_weights(old, batch["sampler_logprobs"], cfg.tis_cap)  # [R, W]
                     adv = adv * w
                 loss, stats = policy_loss(logp, old, adv, mask, step_tokens / world, cfg.eps_low, cfg.eps_high,
                                           batch.get("ref_logprobs"), cfg.beta)

@@ -33,7 +33,6 @@ Writes `output_dir/log.jsonl` (one line per step), `output_dir/checkpoint-N/` (t
 and the final model in `output_dir`.
 """
 
-import inspect
 import json
 import math
 import os
@@ -339,39 +338,9 @@ def tokenize_example(messages, images, processor, tokenizer, header, end_id, rop
     return {"ids": ids, "targets": next_token_targets(ids, mask), "images": images, "positions": positions}
 
 
-def make_rope_index(model, image_token_id: int):
-    """Qwen2/2.5-VL's M-RoPE position ids for one example (input_ids [1, L]) -> [3, L]."""
-    get_rope_index = getattr(getattr(model, "model", model), "get_rope_index", None)
-    if get_rope_index is None:
-        return None
-    takes_types = "mm_token_type_ids" in inspect.signature(get_rope_index).parameters  # transformers >= 5.x
-
-    def rope_index(input_ids, image_grid_thw):
-        kwargs = {"image_grid_thw": image_grid_thw}
-        if takes_types:
-            kwargs["mm_token_type_ids"] = (input_ids == image_token_id).int()
-        with torch.no_grad():
-            return get_rope_index(input_ids, **kwargs)[0][:, 0]
-    return rope_index
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Batching: pack examples into rows with per-example position ids
 # ----------------------------------------------------------------------------------------------------------------
-def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: example indices grouped into rows of at most `capacity` tokens."""
-    rows, room = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        k = next((k for k, r in enumerate(room) if r >= lengths[i]), None)
-        if k is None:
-            rows.append([i])
-            room.append(capacity - lengths[i])
-        else:
-            rows[k].append(i)
-            room[k] -= lengths[i]
-    return rows
-
-
 def collate(examples: list[dict], rows: list[list[int]], pad_id: int, mrope: bool) -> dict:
     """Rows of examples -> model inputs. Padding fills each row's tail as its own segment (positions restart
     at 0, targets -100), so packed and padded batches take the same attention-isolation path."""
@@ -465,7 +434,7 @@ def main(cfg: Config):
     header = tokenizer.encode(cfg.assistant_header, add_special_tokens=False)
     end_id = tokenizer.convert_tokens_to_ids(cfg.end_of_turn)
     image_token_id = getattr(model_config, "image_token_id", None)
-    rope_index = make_rope_index(model, image_token_id) if is_vlm else None
+    rope_index = common.make_rope_index(model, image_token_id) if is_vlm else None
     counts = {"rows": n_rows, "bad_rows": 0, "truncated": 0, "dropped_overlong": 0,
               "dropped_image_cut": 0, "dropped_no_target": 0}
     examples = []
@@ -554,7 +523,7 @@ def main(cfg: Config):
         for m in range(cfg.gradient_accumulation_steps):
             mine = [examples[i] for i in idx[(m * world + rank) * b:(m * world + rank + 1) * b]]
             lengths = [len(ex["ids"]) for ex in mine]
-            rows = pack_rows(lengths, max(cfg.pack_length, *lengths)) if cfg.packing \
+            rows = common.pack_rows(lengths, max(cfg.pack_length, *lengths)) if cfg.packing \
                 else [[i] for i in range(len(mine))]
             batch = collate(mine, rows, tokenizer.pad_token_id, mrope=rope_index is not None)
             pixel_inputs = {}

@@ -166,8 +166,8 @@ def _draw(a, b):
 
 
 def test_collate_logprobs_match_unpadded_forward(tiny_vl_dir):
-    """Left-padded prompts + right-padded completions, an image row next to a text row: each row's
-    completion log-probs equal a forward of that sequence alone (3D rope positions, image tokens)."""
+    """Sequences packed in rows (an image row next to a text row, position ids restarting per sequence,
+    M-RoPE), or one per row: each completion's log-probs equal a forward of that sequence alone."""
     import generation
     from transformers import AutoModelForImageTextToText
     processor, tok = generation.load_processor(tiny_vl_dir)
@@ -176,26 +176,53 @@ def test_collate_logprobs_match_unpadded_forward(tiny_vl_dir):
             {"question": "What is 12 + 30?", "answer": "42", "options": None, "images": []},
             {"question": "Pick one.", "answer": "A", "options": ["5", "6"], "images": []}]
     completions = [[5, 9, 30, 31, 2], [7, 8], [40, 41, 42]]
+    rope_index = common.make_rope_index(model, model.config.image_token_id)
     samples = []
     for row, comp in zip(rows, completions):
         prompt = rl.build_prompt(processor, row)
         ids, vision = rl.encode_prompt(processor, tok, prompt, row["images"])
-        samples.append({"prompt_ids": ids, "vision": vision, "completion_ids": comp, "loss_mask": [1] * len(comp),
-                        "sampler_logprobs": [0.0] * len(comp), "advantage": 1.0})
+        rope = rope_index(torch.tensor([ids + comp]), vision["image_grid_thw"]) if vision else None
+        samples.append({"prompt_ids": ids, "vision": vision, "rope": rope, "completion_ids": comp,
+                        "loss_mask": [1] * len(comp), "sampler_logprobs": [0.0] * len(comp), "advantage": 1.0})
     assert "<|image_pad|>" in tok.decode(samples[0]["prompt_ids"]) and "Options" in rl.build_prompt(processor, rows[2])
     T = 0.7
+    wrapped = common.LogProbModel(model, chunk_size=4)
     with torch.no_grad():
-        batch = rl.collate(samples, tok.pad_token_id, "cpu")
-        logp, ent = rl.completion_logprobs(common.LogProbModel(model, chunk_size=4), batch, T, with_entropy=True)
-        assert logp.shape == (3, 5) and batch["mask"].sum().item() == 10
-        for k, s in enumerate(samples):
-            ids = torch.tensor([s["prompt_ids"] + s["completion_ids"]])
-            extra = {kk: v for kk, v in s["vision"].items()}
-            logits = model(input_ids=ids, **extra).logits[0, len(s["prompt_ids"]) - 1:-1]
-            ref = torch.log_softmax(logits / T, -1).gather(-1, torch.tensor(s["completion_ids"])[:, None])[:, 0]
-            n = len(s["completion_ids"])
-            assert torch.allclose(logp[k, :n], ref, atol=1e-4), (k, logp[k, :n], ref)
-        assert (ent[batch["mask"] > 0] > 0).all()
+        for layout in ([[0, 1], [2]], [[0], [1], [2]], [[2, 0, 1]]):
+            batch = rl.collate(samples, layout, tok.pad_token_id, "cpu")
+            logp, ent = rl.completion_logprobs(wrapped, batch, T, with_entropy=True)
+            assert logp.shape == batch["input_ids"].shape and batch["mask"].sum().item() == 10
+            for i, r, cols in batch["spans"]:
+                s = samples[i]
+                ids = torch.tensor([s["prompt_ids"] + s["completion_ids"]])
+                # mm_token_type_ids, as the processor returns them: without, transformers drops M-RoPE
+                types = (ids == model.config.image_token_id).int()
+                logits = model(input_ids=ids, mm_token_type_ids=types, **s["vision"]).logits
+                logits = logits[0, len(s["prompt_ids"]) - 1:-1]
+                ref = torch.log_softmax(logits / T, -1).gather(-1, torch.tensor(s["completion_ids"])[:, None])[:, 0]
+                assert torch.allclose(logp[r, cols], ref, atol=1e-4), (layout, i, logp[r, cols], ref)
+            assert (ent[batch["mask"] > 0] > 0).all() and (logp[batch["mask"] == 0] == 0).all()
+
+
+def test_microbatches_pack_by_token_budget():
+    """Packing: rows never longer than the longest sequence; each micro-batch's padded size within the
+    budget (a lone row may exceed it); every sample exactly once; far less padding than one per row."""
+    import random as rnd
+    r = rnd.Random(0)
+    samples = [{"prompt_ids": [1] * r.randint(5, 20), "completion_ids": [2] * int(r.paretovariate(1.2) * 20)}
+               for _ in range(64)]
+    lengths = [len(s["prompt_ids"]) + len(s["completion_ids"]) for s in samples]
+    cfg = rl.Config(packing=True, micro_batch_tokens=600)
+    mbs = rl.microbatches(samples, cfg)
+    assert sorted(i for mb in mbs for row in mb for i in row) == list(range(64))
+    slots = 0
+    for mb in mbs:
+        widths = [sum(lengths[i] for i in row) for row in mb]
+        assert max(widths) <= max(lengths)
+        assert len(mb) == 1 or len(mb) * max(widths) <= 600
+        slots += len(mb) * max(widths)
+    padded = sum(max(lengths[i] for i in range(k, min(k + 2, 64))) * 2 for k in range(0, 64, 2))
+    assert 1 - sum(lengths) / slots < 0.1 < 1 - sum(lengths) / padded
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -57,7 +57,7 @@ def sft_data(tmp_path_factory):
 def tokenize(processor, messages, images=(), model=None):
     tok = processor.tokenizer
     header = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
-    rope = sft.make_rope_index(model, model.config.image_token_id) if model is not None else None
+    rope = common.make_rope_index(model, model.config.image_token_id) if model is not None else None
     return sft.tokenize_example(messages, list(images), processor, tok, header, tok.convert_tokens_to_ids("<|im_end|>"), rope)
 
 
@@ -154,7 +154,7 @@ def test_packed_logits_equal_unpacked_per_example(tiny_vl_dir, tmp_path):
 
 def test_pack_rows_never_exceeds_capacity():
     lengths = [5, 9, 3, 7, 1, 9, 2]
-    rows = sft.pack_rows(lengths, 10)
+    rows = common.pack_rows(lengths, 10)
     assert sorted(i for r in rows for i in r) == list(range(7))
     assert all(sum(lengths[i] for i in r) <= 10 for r in rows)
     assert len(rows) == 4  # 36 tokens cannot fit in fewer than 4 rows of 10 here (two 9s, a 7, ...)
