@@ -1,14 +1,14 @@
-"""Distillation by rejection sampling: long chains of thought from a teacher, kept only when the answer
-verifies. X-Reasoner-Med's SFT data is QwQ-32B's reasoning on MedQA, kept when the answer is right.
+r"""Distillation by rejection sampling: long chains of thought from a teacher, kept only when the
+answer verifies. X-Reasoner-Med's SFT data is QwQ-32B's reasoning on MedQA, kept when it is right.
 
-    # local teacher on GPUs (vLLM, tensor parallel)
-    python distill.py --teacher Qwen/QwQ-32B --dataset GBaker/MedQA-USMLE-4-options --split train \
-        --output data/medqa_qwq32b.jsonl --tensor_parallel_size 4
+    # local teacher on GPUs (vLLM): one engine of 4 GPUs; on 8 GPUs add --num_engines 2
+    python distill.py --teacher Qwen/QwQ-32B --dataset GBaker/MedQA-USMLE-4-options \
+        --dataset_split train --output data/medqa_qwq32b.jsonl --vllm_tensor_parallel_size 4
     # any OpenAI-compatible server (`vllm serve Qwen/QwQ-32B`, a hosted API, ...)
     OPENAI_API_KEY=... python distill.py --backend openai --base_url http://127.0.0.1:8000/v1 \
         --teacher Qwen/QwQ-32B --dataset medqa_train.jsonl --output data/medqa_qwq32b.jsonl
 
-Per question: `num_samples` teacher samples -> each normalised to the paper's format
+Per question: `num_samples` teacher samples -> each normalized to the paper's format
 `<think>\n...\n</think>\n<answer>...</answer>` -> verified with rewards.accuracy_reward -> up to `keep`
 verified samples written as sft.py rows: {"messages": [user: training prompt, assistant: response],
 plus teacher, question id, pass rate and token counts}.
@@ -18,6 +18,14 @@ Resumable: rows are appended (flush + fsync) and then one record per finished qu
 skips the finished questions: nothing is duplicated, nothing finished is lost, even after SIGKILL.
 At the end, statistics are printed and saved to `<output>.stats.json` (they cover resumed work too).
 
+Several GPUs: `--num_engines N` starts N copies of this script, each with its own
+`--vllm_tensor_parallel_size` GPUs and `--shard i/N`, the i-th contiguous block of the questions;
+each writes resumable part files (data/x.shard-i-of-N.jsonl, its .done, a log), which are then
+merged into the output in question order. Question p's samples keep their seeds, so the rows equal
+one engine's (vLLM: per-request seeds; hf: when each `generate` call holds one question,
+`--items_per_call 1`).
+`--shard i/N` also runs one block by hand (another node); a later run without it merges the parts.
+
 The OpenAI-compatible client is plain `urllib` (no extra dependency): one request per sample (so usage
 counts are per sample and servers without `n` work), a thread pool bounds the concurrency, each request
 has a timeout and is retried with exponential back-off and jitter on connection errors, 408/429/5xx.
@@ -25,91 +33,183 @@ A question whose requests still fail is not marked done: rerun the command to re
 """
 
 import collections
+import dataclasses
+import glob
 import hashlib
 import json
+import math
+import multiprocessing
 import os
 import random
 import re
 import statistics
+import sys
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
+import common
 import rewards
 
 
 @dataclass
-class DistillConfig:
-    teacher: str = field(default="Qwen/QwQ-32B", metadata={"help": "teacher: hub id or folder (vllm, hf), or the served model name (openai) (paper, X-Reasoner-Med: QwQ-32B)"})
-    dataset: str = field(default="GBaker/MedQA-USMLE-4-options", metadata={"help": "questions with gold answers: hub id, or a local .jsonl/.json/.parquet file or save_to_disk folder (paper: MedQA)"})
-    dataset_config: str | None = field(default=None, metadata={"help": "hub dataset config name, if it has several"})
-    split: str = field(default="train", metadata={"help": "split to distill, for hub ids and save_to_disk folders (paper: MedQA train)"})
-    output: str = field(default="data/distill.jsonl", metadata={"help": "output JSONL (sft.py rows); sidecars <output>.done and <output>.stats.json"})
-    num_samples: int = field(default=4, metadata={"help": "teacher samples per question (paper: not stated)"})
-    keep: int = field(default=1, metadata={"help": "keep at most this many verified samples per question (paper: rejection sampling, counts not stated)"})
-    backend: str = field(default="vllm", metadata={"help": "teacher backend: vllm (local engine), hf (transformers; CPU/tests), openai (HTTP server)"})
-    base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "openai backend: server root (`vllm serve` listens on :8000/v1)"})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai backend: environment variable holding the API key (unset: no key)"})
-    prompt_template: str = field(default="paper", metadata={"help": "'paper': the paper's training / MCQ prompt; 'plain': the question alone (plain: for tiny toy models, which cannot find a problem behind the paper's long instructions)"})
-    max_new_tokens: int = field(default=4096, metadata={"help": "teacher response cap in tokens; truncated samples are rejected (paper: SFT and RL use 4096)"})
-    temperature: float = field(default=0.6, metadata={"help": "sampling temperature (paper: not stated; QwQ-32B's card recommends 0.6)"})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling (paper: not stated; QwQ-32B's card recommends 0.95)"})
-    limit: int | None = field(default=None, metadata={"help": "distill only the first N questions (after de-duplication / decontamination)"})
-    seed: int = field(default=0, metadata={"help": "sampling seed (hf: per call; openai: per request, if the server honours it)"})
-    questions_per_call: int = field(default=64, metadata={"help": "questions per generate() call (vllm, hf) or in flight (openai): the work a kill can lose"})
-    gen_batch_size: int = field(default=64, metadata={"help": "hf backend: sequences per forward batch"})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend: GPUs per engine (QwQ-32B in bf16 fits on 2-4 80 GB GPUs)"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm backend: fraction of GPU memory for weights + KV cache"})
-    max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length (None: the model's)"})
-    kv_cache_memory_bytes: int | None = field(default=None, metadata={"help": "vllm backend: KV cache size, overrides the fraction (CPU: 268435456)"})
-    concurrency: int = field(default=32, metadata={"help": "openai backend: requests in flight at once"})
-    request_timeout: float = field(default=600.0, metadata={"help": "openai backend: seconds per request before it is retried"})
-    max_retries: int = field(default=5, metadata={"help": "openai backend: retries per request (back-off 1, 2, 4, ... s, capped at 60, +-50%% jitter)"})
-    dedup: bool = field(default=True, metadata={"help": "drop repeated questions (same normalised text and options), keeping the first"})
-    decontaminate: list[str] = field(default_factory=list, metadata={"help": "evaluation sets whose questions must not leak into training: local files, or hub ids as id:split (split defaults to test)"})
-    ngram: int = field(default=13, metadata={"help": "decontamination: a question is dropped if it shares a word n-gram with an evaluation question"})
+class Config:
+    # teacher and data
+    teacher: str = field(
+        default="Qwen/QwQ-32B",
+        metadata={"help": "teacher: hub id or folder (vllm, hf), or the served "
+                          "model name (openai) (paper, X-Reasoner-Med: QwQ-32B)"},
+    )
+    dataset: str = field(
+        default="GBaker/MedQA-USMLE-4-options",
+        metadata={"help": "questions with gold answers: hub id, or a local "
+                          ".jsonl/.json/.parquet/.csv file or save_to_disk folder (paper: MedQA)"},
+    )
+    dataset_config: str = field(
+        default="",
+        metadata={"help": "hub dataset config name, if it has several"},
+    )
+    dataset_split: str = field(
+        default="train",
+        metadata={"help": "split to distill, for hub ids and save_to_disk folders (paper: train)"},
+    )
+    limit: int = field(
+        default=0,
+        metadata={"help": "distill only the first N questions (after "
+                          "de-duplication / decontamination); 0 = all"},
+    )
+    output: str = field(
+        default="data/distill.jsonl",
+        metadata={"help": "output JSONL (sft.py rows), with <output>.done "
+                          "and <output>.stats.json next to it"},
+    )
+    # sampling and rejection
+    num_samples: int = field(
+        default=4,
+        metadata={"help": "teacher samples per question (paper: not stated)"},
+    )
+    keep: int = field(
+        default=1,
+        metadata={"help": "keep at most this many verified samples per question "
+                          "(paper: rejection sampling, counts not stated)"},
+    )
+    prompt_template: Literal["paper", "plain"] = field(
+        default="paper",
+        metadata={"help": "'paper': the paper's training / MCQ prompt; 'plain': "
+                          "the question alone (for tiny toy models, which cannot "
+                          "find a problem behind the paper's long instructions)"},
+    )
+    max_new_tokens: int = field(
+        default=4096,
+        metadata={"help": "teacher response cap in tokens; truncated samples "
+                          "are rejected (paper: SFT and RL use 4096)"},
+    )
+    temperature: float = field(
+        default=0.6,
+        metadata={"help": "sampling temperature (paper: not stated; QwQ-32B's model card: 0.6)"},
+    )
+    top_p: float = field(
+        default=0.95,
+        metadata={"help": "nucleus sampling (paper: not stated; QwQ-32B's model card: 0.95)"},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "sampling seed: question p, sample j uses seed + p * num_samples + j "
+                          "(hf: one seed per call; openai: per request, if the server honors it)"},
+    )
+    # de-duplication and decontamination
+    dedup: bool = field(
+        default=True,
+        metadata={"help": "drop repeated questions (same normalized "
+                          "text and options), keeping the first one"},
+    )
+    decontaminate: list[str] = field(
+        default_factory=list,
+        metadata={"help": "evaluation sets whose questions must not leak into training: "
+                          "local files, or hub ids as id:split (split defaults to test)"},
+    )
+    ngram: int = field(
+        default=13,
+        metadata={"help": "decontamination: a question is dropped if it "
+                          "shares a word n-gram with an evaluation question"},
+    )
+    # generation backend
+    backend: Literal["vllm", "hf", "openai"] = field(
+        default="vllm",
+        metadata={"help": "teacher backend: vllm (local engine), hf "
+                          "(transformers; CPU/tests), openai (HTTP server)"},
+    )
+    items_per_call: int = field(
+        default=64,
+        metadata={"help": "questions per generate() call (vllm, hf) or "
+                          "in flight (openai): the work a kill can lose"},
+    )
+    generation_batch_size: int = field(
+        default=64,
+        metadata={"help": "hf backend: sequences per `generate` call"},
+    )
+    num_engines: int = field(
+        default=1,
+        metadata={"help": "data parallel (vllm, hf): this many engines, each on its "
+                          "own vllm_tensor_parallel_size GPUs (hf: one) and its own "
+                          "block of questions; 8 GPUs, QwQ-32B: 2 engines x 4"},
+    )
+    shard: str = field(
+        default="",
+        metadata={"help": "'i/N': distill only the i-th of N contiguous blocks of "
+                          "the questions, into part files (set by --num_engines; "
+                          "by hand: other nodes); '': all of them"},
+    )
+    vllm_tensor_parallel_size: int = field(
+        default=1,
+        metadata={"help": "vllm backend: GPUs per engine; must divide the attention "
+                          "heads (QwQ-32B, 40 heads, bf16: 2-4 80 GB GPUs)"},
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.9,
+        metadata={"help": "vllm backend: fraction of GPU memory for weights + KV cache"},
+    )
+    vllm_max_model_len: int | None = field(
+        default=None,
+        metadata={"help": "vllm backend: context length (None: the model's)"},
+    )
+    vllm_kv_cache_memory_bytes: int | None = field(
+        default=None,
+        metadata={"help": "vllm backend: KV cache size, overrides the fraction (CPU: 268435456)"},
+    )
+    base_url: str = field(
+        default="http://127.0.0.1:8000/v1",
+        metadata={"help": "openai backend: server root (`vllm serve` listens on :8000/v1)"},
+    )
+    api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata={"help": "openai backend: the environment variable "
+                          "that holds the API key (unset: none)"},
+    )
+    concurrency: int = field(
+        default=32,
+        metadata={"help": "openai backend: requests in flight at once"},
+    )
+    request_timeout: float = field(
+        default=600.0,
+        metadata={"help": "openai backend: seconds per request before it is retried"},
+    )
+    max_retries: int = field(
+        default=5,
+        metadata={"help": "openai backend: retries per request (back-off "
+                          "1, 2, 4, ... s, capped at 60, +-50%% jitter)"},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Questions: every supported input shape -> {"id", "question", "gold", "options"}
 # ---------------------------------------------------------------------------------------------------
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def load_rows(path: str, config: str | None = None, split: str = "train") -> list:
-    """Rows from a local file/folder (JSONL, JSON list, Parquet, save_to_disk) or a hub dataset id."""
-    if os.path.isfile(path):
-        if path.endswith(".jsonl"):
-            with open(path) as f:
-                rows = []
-                for i, line in enumerate(f):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise ValueError(f"{path} line {i + 1}: not valid JSON ({e})") from None
-                return rows
-        if path.endswith(".json"):
-            with open(path) as f:
-                data = json.load(f)
-            return data["data"] if isinstance(data, dict) and "data" in data else data
-        if path.endswith(".parquet"):
-            import datasets
-            return list(datasets.load_dataset("parquet", data_files=path, split="train"))
-        raise ValueError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
-    import datasets
-    if os.path.isdir(path):
-        ds = datasets.load_from_disk(path)
-        return list(ds[split] if isinstance(ds, datasets.DatasetDict) else ds)
-    return list(datasets.load_dataset(path, config, split=split))
-
-
-def normalise_question(row, i: int, source: str) -> dict:
+def normalize_question(row, i: int, source: str) -> dict:
     """One input row -> {"id", "question", "gold", "options"} (options: dict letter -> text, or None).
 
     Shapes: Orz-math-57k pairs [{from: human, value}, {from: assistant, ground_truth: {value}}];
@@ -134,7 +234,7 @@ def normalise_question(row, i: int, source: str) -> dict:
     if isinstance(options, list):  # MMLU-Pro pads with "N/A" options at the end: drop them
         while options and options[-1] in ("N/A", None, ""):
             options = options[:-1]
-        options = {LETTERS[k]: str(o) for k, o in enumerate(options)}
+        options = {rewards.LETTERS[k]: str(o) for k, o in enumerate(options)}
     elif isinstance(options, dict):
         options = {str(k).strip(): str(v) for k, v in options.items()}
     elif options is not None:
@@ -162,22 +262,22 @@ def user_prompt(q: dict, template: str = "paper") -> str:
 # ---------------------------------------------------------------------------------------------------
 # De-duplication and decontamination (pure)
 # ---------------------------------------------------------------------------------------------------
-def normalise_text(text: str) -> list[str]:
+def normalize_text(text: str) -> list[str]:
     """Lower-cased words, punctuation dropped: the unit of comparison for dedup and n-gram overlap."""
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
 def question_key(q: dict) -> str:
-    """Hash of the normalised question text and options: equal keys = the same question."""
-    text = " ".join(normalise_text(q["question"]))
+    """Hash of the normalized question text and options: equal keys = the same question."""
+    text = " ".join(normalize_text(q["question"]))
     if q["options"]:
-        text += " || " + " | ".join(" ".join(normalise_text(v)) for _, v in sorted(q["options"].items()))
+        text += " || " + " | ".join(" ".join(normalize_text(v)) for _, v in sorted(q["options"].items()))
     return hashlib.sha1(text.encode()).hexdigest()
 
 
 def ngrams(text: str, n: int) -> set[str]:
     """Word n-grams of a text; a text shorter than n words is one 'n-gram' (then only exact matches count)."""
-    words = normalise_text(text)
+    words = normalize_text(text)
     if len(words) < n:
         return {" ".join(words)} if words else set()
     return {" ".join(words[k:k + n]) for k in range(len(words) - n + 1)}
@@ -207,7 +307,7 @@ def split_thinking(text: str) -> tuple[str | None, str]:
     return None, text.strip()
 
 
-def normalise_response(text: str, options: dict | None) -> str | None:
+def normalize_response(text: str, options: dict | None) -> str | None:
     """A teacher response in the paper's format `<think>\\n..\\n</think>\\n<answer>..</answer>`, or None
     when it has no thinking, no extractable answer, or stray tags. The answer tag holds only the final answer (the
     teacher's post-thinking write-up is dropped); a chosen option becomes "C: option text", as in the
@@ -268,10 +368,11 @@ def choice_text(choice: dict) -> str:
     return f"<think>\n{reasoning}\n</think>\n{content}" if reasoning else content
 
 
-def make_teacher(cfg: DistillConfig):
+def make_teacher(cfg: Config):
     """teacher(todo) for the chosen backend: todo = [(position, question)] in order; yields
-    (position, question, samples) in the same order. Seeds derive from positions, so a rerun draws the
-    same samples (hf/vllm: for whole slices of `questions_per_call` it had not started)."""
+    (position, question, samples) in the same order. Seeds derive from positions, so a rerun or
+    another engine draws the same samples (vllm: question p, sample j gets seed + p * n + j whenever
+    a call's questions are consecutive; hf: one seed per call, the same for the same slice)."""
     n = cfg.num_samples
     if cfg.backend == "openai":
         api_key = os.environ.get(cfg.api_key_env, "")
@@ -297,7 +398,7 @@ def make_teacher(cfg: DistillConfig):
             window = collections.deque()
             for i, q in todo:
                 window.append((i, q, [pool.submit(one, q, j, cfg.seed + i * n + j) for j in range(n)]))
-                if len(window) >= cfg.questions_per_call:
+                if len(window) >= cfg.items_per_call:
                     i0, q0, futures = window.popleft()
                     yield i0, q0, [f.result() for f in futures]
             for i0, q0, futures in window:
@@ -306,21 +407,23 @@ def make_teacher(cfg: DistillConfig):
 
     import generation
     engine = generation.load_engine(
-        cfg.teacher, cfg.backend, tensor_parallel_size=cfg.tensor_parallel_size,
-        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len, seed=cfg.seed,
-        kv_cache_memory_bytes=cfg.kv_cache_memory_bytes)
+        cfg.teacher, cfg.backend, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        max_model_len=cfg.vllm_max_model_len, seed=cfg.seed,
+        kv_cache_memory_bytes=cfg.vllm_kv_cache_memory_bytes)
 
     def teacher(todo):
         slices: dict[int, list] = {}  # fixed slices of the question list, so seeds do not shift on resume
         for i, q in todo:
-            slices.setdefault(i // cfg.questions_per_call, []).append((i, q))
-        for k, chunk in sorted(slices.items()):
-            texts = [generation.chat_prompt(engine.processor, [{"role": "user", "content": user_prompt(q, cfg.prompt_template)}])
-                     for _, q in chunk]
+            slices.setdefault(i // cfg.items_per_call, []).append((i, q))
+        for _, chunk in sorted(slices.items()):
+            texts = [generation.chat_prompt(engine.processor, [{"role": "user", "content": prompt}])
+                     for prompt in (user_prompt(q, cfg.prompt_template) for _, q in chunk)]
             outs = generation.generate(engine, [{"prompt": t} for t in texts], n=n,
                                        temperature=cfg.temperature, top_p=cfg.top_p,
-                                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
-                                       seed=cfg.seed + k * cfg.questions_per_call * n)
+                                       max_new_tokens=cfg.max_new_tokens,
+                                       batch_size=cfg.generation_batch_size,
+                                       seed=cfg.seed + chunk[0][0] * n)  # as openai's: position * n
             for (i, q), t, comps in zip(chunk, texts, outs):
                 n_prompt = len(engine.tokenizer(t, add_special_tokens=False)["input_ids"])
                 yield i, q, [{"text": c.text, "finish_reason": c.finish_reason, "prompt_tokens": n_prompt,
@@ -331,43 +434,15 @@ def make_teacher(cfg: DistillConfig):
 # ---------------------------------------------------------------------------------------------------
 # Resumable output: append + fsync; repair on restart
 # ---------------------------------------------------------------------------------------------------
-def read_jsonl_records(path: str) -> tuple[list[dict], bool]:
-    """Complete JSON lines of a file we append to; (records, torn) where torn = a bad line was found
-    (a write cut by a kill: only ever the last line)."""
-    if not os.path.exists(path):
-        return [], False
-    records, torn = [], False
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                if not line.endswith(b"\n"):
-                    raise ValueError("no newline")
-                records.append(json.loads(line))
-            except ValueError:
-                torn = True
-    return records, torn
-
-
-def rewrite_jsonl(path: str, records: list[dict]) -> None:
-    """Replace a file atomically (temp file + fsync + rename): a kill leaves the old or the new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def resume(output: str) -> tuple[dict[str, dict], int]:
     """Done records by question id, after repairing both files; returns (done, rows dropped).
     Rows are written before their question's done record, so rows without one are an unfinished
     question's (the run died between the two writes): they are dropped and the question redone."""
-    done_list, torn = read_jsonl_records(output + ".done")
+    done_list, torn = common.read_jsonl(output + ".done")
     done = {d["question_id"]: d for d in done_list}
     if torn or len(done) != len(done_list):
-        rewrite_jsonl(output + ".done", list(done.values()))
-    rows, torn = read_jsonl_records(output)
+        common.write_jsonl_atomic(output + ".done", list(done.values()))
+    rows, torn = common.read_jsonl(output)
     seen, good = set(), []
     for r in rows:
         key = (r.get("question_id"), r.get("sample"))
@@ -375,15 +450,132 @@ def resume(output: str) -> tuple[dict[str, dict], int]:
             seen.add(key)
             good.append(r)
     if torn or len(good) != len(rows):
-        rewrite_jsonl(output, good)
+        common.write_jsonl_atomic(output, good)
     return done, len(rows) - len(good) + int(torn)
 
 
-def append_jsonl(f, records: list[dict]) -> None:
-    for r in records:
-        f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())  # on disk before anything that depends on it is written
+def merge_shards(output: str, questions: list[dict]) -> None:
+    """Fold the engines' part files (data/x.shard-i-of-N.jsonl and its .done) into the output,
+    rows and done records in question order; parts are repaired first: only finished questions move.
+    A kill at any point loses nothing: the parts go only once the output holds them."""
+    parts = shard_paths(output)
+    if not parts:
+        return
+    done, rows = {}, {}
+    for path in [output] + parts:
+        done.update(resume(path)[0])
+        rows.update({(r["question_id"], r["sample"]): r for r in common.read_jsonl(path)[0]})
+    position = {q["id"]: p for p, q in enumerate(questions)}
+    order = lambda qid: position.get(qid, len(position))  # noqa: E731
+    rows = sorted(rows.values(), key=lambda r: (order(r["question_id"]), r["sample"]))
+    common.write_jsonl_atomic(output, rows)  # rows first: a done record never precedes its rows
+    done = sorted(done.values(), key=lambda d: order(d["question_id"]))
+    common.write_jsonl_atomic(output + ".done", done)
+    for path in parts:
+        os.remove(path + ".done")
+        os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several GPUs: data-parallel engines, each a copy of this script on its own GPUs and block of items
+# ---------------------------------------------------------------------------------------------------
+def check_tensor_parallel(model: str, tensor_parallel_size: int) -> None:
+    """Refuse, before anything loads, a tensor-parallel size the model cannot take: vLLM splits the
+    attention heads evenly over an engine's GPUs (Qwen2.5-VL-7B has 28: 1, 2, 4 or 7 GPUs)."""
+    if tensor_parallel_size <= 1:
+        return
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(model, "config.json")
+        except Exception:  # noqa: BLE001: offline, or not a hub id; vLLM will say what is wrong
+            return
+    with open(path) as f:
+        config = json.load(f)
+    text_config = config.get("text_config") or config  # a VLM's language model
+    heads = text_config.get("num_attention_heads") or config.get("num_attention_heads")
+    if heads and heads % tensor_parallel_size:
+        tp, fit = tensor_parallel_size, math.gcd(heads, tensor_parallel_size)
+        raise ValueError(f"--vllm_tensor_parallel_size {tp}: {model} has {heads} attention heads, "
+                         f"which {tp} GPUs cannot share evenly. On {tp} GPUs use "
+                         f"--vllm_tensor_parallel_size {fit} --num_engines {tp // fit} "
+                         f"({tp // fit} engines of {fit} GPUs, data parallel)")
+
+
+def shard_bounds(shard: str, n_items: int) -> tuple[int, int]:
+    """--shard 'i/N' -> [lo, hi): the i-th of N contiguous blocks of the items ('': all of them).
+    Contiguous, not i::N, so a call's items stay consecutive and keep one engine's seeds."""
+    if not shard:
+        return 0, n_items
+    m = re.fullmatch(r"(\d+)/(\d+)", shard)
+    if not m or int(m[1]) >= int(m[2]):
+        raise ValueError(f"--shard {shard!r}: expected i/N with 0 <= i < N, e.g. 0/2")
+    i, n = int(m[1]), int(m[2])
+    return i * n_items // n, (i + 1) * n_items // n
+
+
+def shard_path(path: str, shard: str) -> str:
+    """What engine i of N writes instead of `path` (data/x.jsonl -> data/x.shard-i-of-N.jsonl)."""
+    if not shard:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.shard-{shard.replace('/', '-of-')}{ext}"
+
+
+def shard_paths(path: str) -> list[str]:
+    """Every engine's part file of `path` that exists (any N)."""
+    root, ext = os.path.splitext(path)
+    found = glob.glob(glob.escape(root) + ".shard-*-of-*" + glob.escape(ext))
+    middle = lambda p: p[len(root):len(p) - len(ext)]  # noqa: E731
+    return sorted(p for p in found if re.fullmatch(r"\.shard-\d+-of-\d+", middle(p)))
+
+
+def run_shard(cfg, log: str) -> None:
+    """An engine's process: its output goes to its log file, then main() on its shard."""
+    with open(log, "a") as f:
+        os.dup2(f.fileno(), sys.stdout.fileno())
+        os.dup2(f.fileno(), sys.stderr.fileno())
+    main(cfg)
+
+
+def run_engines(cfg, log_prefix: str) -> None:
+    """Data parallel: cfg.num_engines copies of this script (fresh interpreters), engine i on
+    its own group of GPUs (vllm_tensor_parallel_size of them; hf: one) with --shard i/N. Returns
+    when all have finished; raises if one failed (rerun the same command: each engine resumes)."""
+    n, per = cfg.num_engines, cfg.vllm_tensor_parallel_size if cfg.backend == "vllm" else 1
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = [g for g in visible.split(",") if g.strip()]
+    else:
+        import torch
+
+        gpus = [str(g) for g in range(torch.cuda.device_count())]
+    if gpus and len(gpus) < n * per:
+        raise ValueError(f"--num_engines {n} of {per} GPU(s) each needs {n * per} GPUs; "
+                         f"{len(gpus)} visible ({','.join(gpus)})")
+    spawn = multiprocessing.get_context("spawn")  # not fork: CUDA and vLLM start clean in each
+    procs, logs = [], []
+    for i in range(n):
+        logs.append(f"{log_prefix}shard-{i}-of-{n}.log")
+        group = ",".join(gpus[i * per:(i + 1) * per])
+        print(f"engine {i}/{n}: GPUs {group or 'none (CPU)'}, log {logs[i]}", flush=True)
+        if gpus:  # the child inherits the environment as it is at start()
+            os.environ["CUDA_VISIBLE_DEVICES"] = group
+        shard_cfg = dataclasses.replace(cfg, num_engines=1, shard=f"{i}/{n}")
+        procs.append(spawn.Process(target=run_shard, args=(shard_cfg, logs[i])))
+        procs[-1].start()
+    if gpus and visible is None:
+        del os.environ["CUDA_VISIBLE_DEVICES"]
+    elif gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    for p in procs:
+        p.join()
+    failed = [i for i, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"engine(s) {failed} failed: see {', '.join(logs[i] for i in failed)}; "
+                           "rerun the same command to resume")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,7 +590,7 @@ def length_summary(xs: list[int]) -> dict:
             "p50": pick(0.5), "p75": pick(0.75), "p90": pick(0.9), "max": xs[-1]}
 
 
-def summarise(done: list[dict], counts: dict, cfg: DistillConfig) -> dict:
+def summarize(done: list[dict], counts: dict, cfg: Config) -> dict:
     """Statistics over every finished question (this run and earlier ones)."""
     scored = [d for d in done if d["status"] == "ok"]
     hist = {f"{k}/{cfg.num_samples}": 0 for k in range(cfg.num_samples + 1)}
@@ -425,17 +617,18 @@ def summarise(done: list[dict], counts: dict, cfg: DistillConfig) -> dict:
     }
 
 
-def main(cfg: DistillConfig) -> dict:
-    if cfg.backend not in ("vllm", "hf", "openai"):
-        raise ValueError(f"--backend {cfg.backend!r}: use vllm, hf or openai")
+def main(cfg: Config) -> dict:
     if cfg.keep < 1 or cfg.num_samples < 1:
         raise ValueError("--num_samples and --keep must be >= 1")
+    if cfg.num_engines > 1 and (cfg.backend == "openai" or cfg.shard):
+        raise ValueError("--num_engines > 1 starts local engines (vllm, hf), each on its own "
+                         "--shard: not with --backend openai (use --concurrency) nor with --shard")
+    if cfg.backend == "vllm":
+        check_tensor_parallel(cfg.teacher, cfg.vllm_tensor_parallel_size)
 
-    # ---- 1. Questions: load, normalise, de-duplicate, decontaminate ----------------------------------
-    rows = load_rows(cfg.dataset, cfg.dataset_config, cfg.split)
-    if not isinstance(rows, list):
-        raise ValueError(f"{cfg.dataset}: expected a list of rows (or {{'data': [...]}})")
-    questions = [normalise_question(r, i, cfg.dataset) for i, r in enumerate(rows)]
+    # ---- 1. Questions: load, normalize, de-duplicate, decontaminate ----------------------------------
+    rows, _ = common.load_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config)
+    questions = [normalize_question(r, i, cfg.dataset) for i, r in enumerate(rows)]
     if len({q["id"] for q in questions}) != len(questions):  # resume needs unique ids: use positions
         for i, q in enumerate(questions):
             q["id"] = str(i)
@@ -453,37 +646,48 @@ def main(cfg: DistillConfig) -> dict:
         index = set()
         for entry in cfg.decontaminate:  # a local file, or "hub_id:split" (GBaker/MedQA-USMLE-4-options:test)
             path, split = (entry, "") if os.path.exists(entry) else entry.partition(":")[::2]
-            for row in load_rows(path, None, split or "test"):
+            for row in common.load_rows(path, split or "test")[0]:
                 for text in eval_question_texts(row):
                     index |= ngrams(text, cfg.ngram)
         clean = [q for q in questions if not (ngrams(q["question"], cfg.ngram) & index)]
         counts["contaminated_dropped"] = len(questions) - len(clean)
         questions = clean
-    if cfg.limit is not None:
+    if cfg.limit:
         questions = questions[:cfg.limit]
     counts["questions_selected"] = len(questions)
 
     # ---- 2. Resume: repair the files, skip finished questions ---------------------------------------
     os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-    done, dropped = resume(cfg.output)
-    todo = [(i, q) for i, q in enumerate(questions) if q["id"] not in done]
+    if not cfg.shard:
+        merge_shards(cfg.output, questions)  # engines' part files of an earlier (killed) run
+    output = shard_path(cfg.output, cfg.shard)  # an engine appends to its own part file
+    done, dropped = resume(output)
+    if cfg.shard:  # the output's finished questions count too (read only: the parent owns it)
+        done = {d["question_id"]: d for d in common.read_jsonl(cfg.output + ".done")[0]} | done
+    lo, hi = shard_bounds(cfg.shard, len(questions))
+    todo = [(i, q) for i, q in enumerate(questions[lo:hi], lo) if q["id"] not in done]
     print(f"distill: {len(questions)} questions ({counts['duplicates_dropped']} duplicates, "
-          f"{counts['contaminated_dropped']} contaminated dropped); {len(done)} already done"
+          f"{counts['contaminated_dropped']} contaminated dropped)" + (f"; shard {cfg.shard}: "
+          f"{hi - lo}" if cfg.shard else "") + f"; {len(done)} already done"
           + (f", {dropped} unfinished/torn lines dropped" if dropped else "") + f"; {len(todo)} to go")
 
-    # ---- 3. Teacher ----------------------------------------------------------------------------------
+    # ---- 3. Teacher: in this process, or --num_engines copies of this script, then merged -----------
+    if cfg.num_engines > 1 and todo:
+        run_engines(cfg, log_prefix=os.path.splitext(cfg.output)[0] + ".")
+        merge_shards(cfg.output, questions)
+        done, todo = resume(cfg.output)[0], []
     teacher = make_teacher(cfg) if todo else (lambda todo: ())  # nothing to do: load no model
 
-    # ---- 4. Loop: sample -> normalise -> verify -> keep -> append rows, then the done record ---------
+    # ---- 4. Loop: sample -> normalize -> verify -> keep -> append rows, then the done record ---------
     failed, kept_rows = 0, sum(d["kept"] for d in done.values())
     bar = tqdm(total=len(todo), desc="distill", unit="q")
-    with open(cfg.output, "a") as out, open(cfg.output + ".done", "a") as done_f:
+    with open(output, "a") as out, open(output + ".done", "a") as done_f:
         for _, q, outs in teacher(todo):
             bar.update(1)
             if any(s is None for s in outs):
                 failed += 1  # not marked done: the next run retries it
                 continue
-            responses = [normalise_response(s["text"], q["options"])
+            responses = [normalize_response(s["text"], q["options"])
                          if s["finish_reason"] != "length" else None for s in outs]
             scores = rewards.accuracy_reward([r or "" for r in responses], [q["gold"]] * len(outs),
                                              options=[q["options"]] * len(outs))
@@ -491,7 +695,7 @@ def main(cfg: DistillConfig) -> dict:
             good = [j for j, (r, s) in enumerate(zip(responses, scores)) if r is not None and s == 1.0]
             pass_rate = len(good) / len(outs)
             kept = good[:cfg.keep] if status == "ok" else []
-            append_jsonl(out, [{
+            common.append_jsonl(out, [{
                 "messages": [{"role": "user", "content": user_prompt(q, cfg.prompt_template)},
                              {"role": "assistant", "content": responses[j]}],
                 "question_id": q["id"], "sample": j, "teacher": cfg.teacher, "gold": q["gold"],
@@ -505,15 +709,17 @@ def main(cfg: DistillConfig) -> dict:
                                              for r, s in zip(responses, outs)),
                       "completion_tokens": [s["completion_tokens"] for s in outs],
                       "kept_tokens": [outs[j]["completion_tokens"] for j in kept]}
-            append_jsonl(done_f, [record])
+            common.append_jsonl(done_f, [record])
             done[q["id"]] = record
             kept_rows += len(kept)
             bar.set_postfix(kept=kept_rows, refresh=False)
     bar.close()
 
     # ---- 5. Statistics -------------------------------------------------------------------------------
+    if cfg.shard:  # an engine: the run that merges the parts reports
+        return {"questions_failed": failed}
     selected = {q["id"] for q in questions}
-    stats = summarise([d for qid, d in done.items() if qid in selected], counts, cfg)
+    stats = summarize([d for qid, d in done.items() if qid in selected], counts, cfg)
     stats["questions_failed"] = failed
     stats["config"] = asdict(cfg)
     with open(cfg.output + ".stats.json", "w") as f:
@@ -525,5 +731,4 @@ def main(cfg: DistillConfig) -> dict:
 
 
 if __name__ == "__main__":
-    (config,) = HfArgumentParser(DistillConfig).parse_args_into_dataclasses()
-    main(config)
+    main(common.parse_config(Config, __doc__))

@@ -1,6 +1,7 @@
 """Evaluate a model on the X-Reasoner paper's benchmarks: general and medical, text and images.
 
     python evaluate.py --model_name_or_path microsoft/X-Reasoner-7B --output_dir runs/eval/xr   # greedy
+    python evaluate.py ... --num_engines 8                 # 8 GPUs: 8 engines, data parallel
     python evaluate.py ... --benchmarks gsm8k,mmmu_val --num_samples 5 --temperature 0.3   # avg/maj/pass@5
     python evaluate.py ... --data_dir data/eval            # local copies: DIR/<benchmark>.jsonl|.json|.parquet|/
     python evaluate.py ... --text_solvable_removed         # also answer image items without their image
@@ -14,23 +15,37 @@ rewards.accuracy_reward, exactly as in training; a parse failure is `extract_ans
 Outputs in --output_dir: `<benchmark>.jsonl` (one line per item: prompt, responses, extracted answers,
 correctness, tokens, truncation, forced exit), `summary.json` and `results.md`. The JSONL is
 append-only and fsynced per batch, so a killed run resumes where it stopped (finished items skipped).
+
+Several GPUs: `--num_engines N` starts N copies of this script (data parallel), each with its own
+`--vllm_tensor_parallel_size` GPUs and `--shard i/N`, the i-th contiguous block of every
+benchmark's items; each appends to its own `<benchmark>.shard-i-of-N.jsonl` (resumable; its log is
+shard-i-of-N.log). The parts are then merged into `<benchmark>.jsonl` in the items' order and the
+summary is computed once from the merged records. Item p's samples keep their seeds, so the numbers
+equal one engine's (vLLM: per-request seeds; hf: when each `generate` call holds one item,
+`--generation_batch_size 1` greedy or `--items_per_call 1` sampled). `--shard i/N` also runs one
+block by hand (another node); a later run without it merges the parts. A 7B model fits one GPU:
+on 8 GPUs, 8 engines of 1 GPU beat one engine split 8 ways (which the 7B's 28 heads cannot take).
 """
 
 import ast
+import dataclasses
+import glob
 import hashlib
 import io
 import json
+import math
+import multiprocessing
 import os
 import random
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 from PIL import Image
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
+import common
 import rewards
 from generation import Completion, chat_prompt, generate, load_engine
 
@@ -41,37 +56,127 @@ PAPER_BENCHMARKS = ["gsm8k", "mmlu_pro", "mmmu_val", "mmmu_pro_standard", "mmsta
 
 @dataclass
 class Config:
-    model_name_or_path: str = ""  # hub id or folder of the model to evaluate (paper: X-Reasoner-7B)
-    # benchmark names, comma or space separated (default: the paper's 15; see REGISTRY for all)
-    benchmarks: list[str] = field(default_factory=lambda: list(PAPER_BENCHMARKS))
-    # local copies: DIR/<name>.jsonl|.json|.parquet or a save_to_disk folder DIR/<name>/ (unset: the hub)
-    data_dir: str | None = None
-    output_dir: str = "runs/eval"  # per-item JSONL, summary.json, results.md (and compare.md/.png)
-    backend: str = "vllm"  # vllm (paper) | hf (transformers generate) | replay (scripted, tests only)
-    # replay backend: JSONL of {"benchmark", "id", "responses": [...], "noimage_responses": [...]}
-    replay_file: str | None = None
-    # 'paper': the paper's MCQ / R1-Zero math prompt; 'plain': the question alone, options below it
-    # (plain: for tiny toy models, which cannot find a problem behind the paper's long instructions)
-    prompt_template: str = "paper"
-    max_new_tokens: int = 4096  # total cap on generated tokens (paper: 4096)
-    # forced exit: after this many thinking tokens append </think> and let the model answer; 0 = off.
-    # Paper: on, budget not stated; 3584 leaves 512 of the 4096 tokens for the answer.
-    think_budget: int | None = 3584
-    num_samples: int = 1  # samples per item: 1 (greedy headline numbers); paper also 5 -> avg/maj/pass@5
-    temperature: float = 0.0  # 0 = greedy (paper's headline numbers); paper's 5-sample runs: 0.3
-    top_p: float = 1.0  # nucleus sampling when temperature > 0
-    limit: int | None = None  # only the first N items of each benchmark (after subset filtering)
-    seed: int = 0  # sampling seed
-    batch_size: int = 512  # items per generation call; the JSONL is flushed and fsynced after each
-    # paper's analysis: also answer image items without their image; report accuracy on the items not
-    # solved that way ("text-solvable removed")
-    text_solvable_removed: bool = False
-    max_pixels: int = 262144  # downscale larger images to this many pixels (model card: 512x512); 0 = off
-    tensor_parallel_size: int = 1  # vLLM: GPUs per model
-    gpu_memory_utilization: float = 0.9  # vLLM: fraction of GPU memory for weights and KV cache
-    max_model_len: int | None = None  # vLLM: context length (default: the model's)
-    kv_cache_memory_bytes: int | None = None  # vLLM: fixed KV cache size (CPU tests: 256 MiB)
-    compare: list[str] = field(default_factory=list)  # instead: tabulate and plot these run folders
+    # model and data
+    model_name_or_path: str = field(
+        default="",
+        metadata={"help": "hub id or folder of the model to evaluate (paper: X-Reasoner-7B)"},
+    )
+    benchmarks: list[str] = field(
+        default_factory=lambda: list(PAPER_BENCHMARKS),
+        metadata={"help": "benchmark names, comma or space separated (default: "
+                          "the paper's 15; see REGISTRY in evaluate.py for all)"},
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "local copies: DIR/<name>.jsonl|.json|.parquet or a "
+                          "save_to_disk folder DIR/<name>/ (unset: the hub)"},
+    )
+    limit: int = field(
+        default=0,
+        metadata={"help": "only the first N items of each benchmark, "
+                          "after subset filtering (0: all)"},
+    )
+    output_dir: str = field(
+        default="runs/eval",
+        metadata={"help": "per-item JSONL, summary.json, results.md (and compare.md/.png)"},
+    )
+    # prompting and sampling
+    prompt_template: Literal["paper", "plain"] = field(
+        default="paper",
+        metadata={"help": "'paper': the paper's MCQ / R1-Zero math prompt; 'plain': the "
+                          "question alone, options below it (for tiny toy models, which "
+                          "cannot find a problem behind the paper's long instructions)"},
+    )
+    max_new_tokens: int = field(
+        default=4096,
+        metadata={"help": "total cap on generated tokens (paper: 4096)"},
+    )
+    think_budget: int | None = field(
+        default=3584,
+        metadata={"help": "forced exit: after this many thinking tokens append </think> "
+                          "and let the model answer; 0 = off (paper: on, budget not "
+                          "stated; 3584 leaves 512 of the 4096 tokens for the answer)"},
+    )
+    num_samples: int = field(
+        default=1,
+        metadata={"help": "samples per item: 1 (greedy headline "
+                          "numbers); paper also 5 -> avg/maj/pass@5"},
+    )
+    temperature: float = field(
+        default=0.0,
+        metadata={"help": "0 = greedy (paper's headline numbers); paper's 5-sample runs: 0.3"},
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata={"help": "nucleus sampling when temperature > 0"},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "sampling seed: item p, sample j uses seed + "
+                          "p * num_samples + j (hf: one seed per call)"},
+    )
+    text_solvable_removed: bool = field(
+        default=False,
+        metadata={"help": "paper's analysis: also answer image items without their "
+                          "image; report accuracy on the items not solved that way"},
+    )
+    max_pixels: int = field(
+        default=262144,
+        metadata={"help": "downscale larger images to this many "
+                          "pixels (model card: 512x512); 0 = off"},
+    )
+    # generation backend
+    backend: Literal["vllm", "hf", "replay"] = field(
+        default="vllm",
+        metadata={"help": "vllm (paper) | hf (transformers generate) "
+                          "| replay (scripted, tests only)"},
+    )
+    replay_file: str | None = field(
+        default=None,
+        metadata={"help": "replay backend: JSONL of {\"benchmark\", \"id\", "
+                          "\"responses\": [...], \"noimage_responses\": [...]}"},
+    )
+    items_per_call: int = field(
+        default=512,
+        metadata={"help": "items per generation call; the JSONL is flushed and fsynced after each"},
+    )
+    generation_batch_size: int = field(
+        default=64,
+        metadata={"help": "hf backend: sequences per `generate` call"},
+    )
+    num_engines: int = field(
+        default=1,
+        metadata={"help": "data parallel: this many engines, each on its own "
+                          "vllm_tensor_parallel_size GPUs (hf: one) and its "
+                          "own block of every benchmark (7B on 8 GPUs: 8)"},
+    )
+    shard: str = field(
+        default="",
+        metadata={"help": "'i/N': evaluate only the i-th of N contiguous "
+                          "blocks of each benchmark, into part files (set by "
+                          "--num_engines; by hand for other nodes); '': all"},
+    )
+    vllm_tensor_parallel_size: int = field(
+        default=1,
+        metadata={"help": "vllm backend: GPUs per engine; must divide the attention "
+                          "heads (Qwen2.5-VL-7B: 28 heads, so 1, 2, 4 or 7)"},
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.9,
+        metadata={"help": "vllm backend: fraction of GPU memory for weights and KV cache"},
+    )
+    vllm_max_model_len: int | None = field(
+        default=None,
+        metadata={"help": "vllm backend: context length (default: the model's)"},
+    )
+    vllm_kv_cache_memory_bytes: int | None = field(
+        default=None,
+        metadata={"help": "vllm backend: fixed KV cache size (CPU tests: 256 MiB)"},
+    )
+    compare: list[str] = field(
+        default_factory=list,
+        metadata={"help": "instead of evaluating: tabulate and plot these run folders"},
+    )
 
 
 # ---- Images and options: the small pieces every converter shares ----------------------------------
@@ -280,33 +385,7 @@ REGISTRY = {
 }
 
 
-# ---- Loading: local file/folder (JSONL, JSON, Parquet, save_to_disk) or the hub -------------------
-def read_local(path: str, split: str) -> list[dict]:
-    if os.path.isdir(path):
-        import datasets
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split] if split in ds else next(iter(ds.values()))
-        return list(ds)
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            rows = json.load(f)
-            if isinstance(rows, dict):  # {"data": [...]} or {id: row}
-                rows = rows.get("data") or [dict(r, id=r.get("id", k)) for k, r in rows.items()]
-            return rows
-        rows = []
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from None
-        return rows
-
-
+# ---- Loading: a local file/folder (common.load_rows) or the hub ----------------------------------
 def load_items(name: str, cfg: Config) -> list[dict]:
     spec = REGISTRY[name]
     if cfg.data_dir:
@@ -315,8 +394,7 @@ def load_items(name: str, cfg: Config) -> list[dict]:
         source = next((p for p in candidates if os.path.exists(p)), None)
         if source is None:
             raise FileNotFoundError(f"{name}: none of {', '.join(candidates)} exists")
-        rows = read_local(source, spec.split)
-        base = source if os.path.isdir(source) else os.path.dirname(source)
+        rows, base = common.load_rows(source, spec.split)
     else:
         if spec.hub_id is None:
             raise ValueError(f"{name} has no hub copy: download it and pass --data_dir (see the registry comments)")
@@ -425,25 +503,121 @@ def score(texts: list[str], golds: list, options: list) -> list:
     return out
 
 
-# ---- Resume: an append-only JSONL; a line torn by a kill is cut off before appending again --------
-def read_records(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n"):  # killed mid-write: drop the torn last line
-        data = data[:data.rfind(b"\n") + 1]
-        with open(path, "r+b") as f:
-            f.truncate(len(data))
-    records = {}
-    for n, line in enumerate(data.decode("utf-8").split("\n"), 1):  # not splitlines: text may hold \u2028
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n} is corrupt ({e}); delete it to re-run that item") from None
-            records[rec["id"]] = rec
+# ---- Resume: append-only JSONL per benchmark (and engine); a line torn by a kill is cut off ----
+def merge_shards(path: str, items: list[dict]) -> dict:
+    """Records of a benchmark's JSONL by id, after folding the engines' part files
+    (<benchmark>.shard-i-of-N.jsonl) into it in the items' order and cutting a line torn by a kill.
+    A kill at any point loses nothing: the parts go only once the JSONL holds them."""
+    parts = shard_paths(path)
+    if not parts:
+        return {r["id"]: r for r in common.repair_jsonl(path)}
+    records = {r["id"]: r for p in [path] + parts for r in common.read_jsonl(p)[0]}
+    position = {it["id"]: p for p, it in enumerate(items)}
+    order = sorted(records.values(), key=lambda r: position.get(r["id"], len(position)))
+    common.write_jsonl_atomic(path, order)
+    for p in parts:
+        os.remove(p)
     return records
+
+
+# ---- Several GPUs: data-parallel engines, each a copy of this script on its own GPUs and items ---
+def check_tensor_parallel(model: str, tensor_parallel_size: int) -> None:
+    """Refuse, before anything loads, a tensor-parallel size the model cannot take: vLLM splits the
+    attention heads evenly over an engine's GPUs (Qwen2.5-VL-7B has 28: 1, 2, 4 or 7 GPUs)."""
+    if tensor_parallel_size <= 1:
+        return
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(model, "config.json")
+        except Exception:  # noqa: BLE001: offline, or not a hub id; vLLM will say what is wrong
+            return
+    with open(path) as f:
+        config = json.load(f)
+    text_config = config.get("text_config") or config  # a VLM's language model
+    heads = text_config.get("num_attention_heads") or config.get("num_attention_heads")
+    if heads and heads % tensor_parallel_size:
+        tp, fit = tensor_parallel_size, math.gcd(heads, tensor_parallel_size)
+        raise ValueError(f"--vllm_tensor_parallel_size {tp}: {model} has {heads} attention heads, "
+                         f"which {tp} GPUs cannot share evenly. On {tp} GPUs use "
+                         f"--vllm_tensor_parallel_size {fit} --num_engines {tp // fit} "
+                         f"({tp // fit} engines of {fit} GPUs, data parallel)")
+
+
+def shard_bounds(shard: str, n_items: int) -> tuple[int, int]:
+    """--shard 'i/N' -> [lo, hi): the i-th of N contiguous blocks of the items ('': all of them).
+    Contiguous, not i::N, so a call's items stay consecutive and keep one engine's seeds."""
+    if not shard:
+        return 0, n_items
+    m = re.fullmatch(r"(\d+)/(\d+)", shard)
+    if not m or int(m[1]) >= int(m[2]):
+        raise ValueError(f"--shard {shard!r}: expected i/N with 0 <= i < N, e.g. 0/2")
+    i, n = int(m[1]), int(m[2])
+    return i * n_items // n, (i + 1) * n_items // n
+
+
+def shard_path(path: str, shard: str) -> str:
+    """What engine i of N writes instead of `path` (data/x.jsonl -> data/x.shard-i-of-N.jsonl)."""
+    if not shard:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.shard-{shard.replace('/', '-of-')}{ext}"
+
+
+def shard_paths(path: str) -> list[str]:
+    """Every engine's part file of `path` that exists (any N)."""
+    root, ext = os.path.splitext(path)
+    found = glob.glob(glob.escape(root) + ".shard-*-of-*" + glob.escape(ext))
+    middle = lambda p: p[len(root):len(p) - len(ext)]  # noqa: E731
+    return sorted(p for p in found if re.fullmatch(r"\.shard-\d+-of-\d+", middle(p)))
+
+
+def run_shard(cfg, log: str) -> None:
+    """An engine's process: its output goes to its log file, then main() on its shard."""
+    with open(log, "a") as f:
+        os.dup2(f.fileno(), sys.stdout.fileno())
+        os.dup2(f.fileno(), sys.stderr.fileno())
+    main(cfg)
+
+
+def run_engines(cfg, log_prefix: str) -> None:
+    """Data parallel: cfg.num_engines copies of this script (fresh interpreters), engine i on
+    its own group of GPUs (vllm_tensor_parallel_size of them; hf: one) with --shard i/N. Returns
+    when all have finished; raises if one failed (rerun the same command: each engine resumes)."""
+    n, per = cfg.num_engines, cfg.vllm_tensor_parallel_size if cfg.backend == "vllm" else 1
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = [g for g in visible.split(",") if g.strip()]
+    else:
+        import torch
+
+        gpus = [str(g) for g in range(torch.cuda.device_count())]
+    if gpus and len(gpus) < n * per:
+        raise ValueError(f"--num_engines {n} of {per} GPU(s) each needs {n * per} GPUs; "
+                         f"{len(gpus)} visible ({','.join(gpus)})")
+    spawn = multiprocessing.get_context("spawn")  # not fork: CUDA and vLLM start clean in each
+    procs, logs = [], []
+    for i in range(n):
+        logs.append(f"{log_prefix}shard-{i}-of-{n}.log")
+        group = ",".join(gpus[i * per:(i + 1) * per])
+        print(f"engine {i}/{n}: GPUs {group or 'none (CPU)'}, log {logs[i]}", flush=True)
+        if gpus:  # the child inherits the environment as it is at start()
+            os.environ["CUDA_VISIBLE_DEVICES"] = group
+        shard_cfg = dataclasses.replace(cfg, num_engines=1, shard=f"{i}/{n}")
+        procs.append(spawn.Process(target=run_shard, args=(shard_cfg, logs[i])))
+        procs[-1].start()
+    if gpus and visible is None:
+        del os.environ["CUDA_VISIBLE_DEVICES"]
+    elif gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    for p in procs:
+        p.join()
+    failed = [i for i, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"engine(s) {failed} failed: see {', '.join(logs[i] for i in failed)}; "
+                           "rerun the same command to resume")
 
 
 def replay_generate(table: dict, bench: str, items: list, n: int, key: str) -> list[list[Completion]]:
@@ -562,25 +736,28 @@ def main(cfg: Config):
     think_budget = cfg.think_budget or None  # 0 turns forced exit off
     os.makedirs(cfg.output_dir, exist_ok=True)
 
-    # ---- 1. Engine ---------------------------------------------------------------------------------
-    if cfg.backend == "replay":
-        engine, processor, scripted = None, None, {}
+    # ---- 1. Engine: in this process (loaded once there is work), or --num_engines copies of this
+    # script (data parallel), each on its own GPUs and block of items; their parts are merged in 2.
+    if cfg.backend != "replay" and not cfg.model_name_or_path:
+        raise ValueError("--model_name_or_path is required")
+    if cfg.num_engines > 1 and cfg.shard:
+        raise ValueError("--num_engines starts the engines, each on its own --shard: not both")
+    if cfg.backend == "vllm":
+        check_tensor_parallel(cfg.model_name_or_path, cfg.vllm_tensor_parallel_size)
+    engine, processor, scripted = None, None, {}
+    if cfg.num_engines > 1:
+        run_engines(cfg, log_prefix=os.path.join(cfg.output_dir, ""))
+    elif cfg.backend == "replay":
         with open(cfg.replay_file) as f:
             for row in map(json.loads, filter(str.strip, f)):
                 scripted[(row.get("benchmark"), str(row["id"]))] = row
-    else:
-        if not cfg.model_name_or_path:
-            raise ValueError("--model_name_or_path is required")
-        engine = load_engine(cfg.model_name_or_path, cfg.backend, tensor_parallel_size=cfg.tensor_parallel_size,
-                             gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                             seed=cfg.seed, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes)
-        processor = engine.processor
 
     def sample(bench, items, prompts, key, seed):
         if cfg.backend == "replay":
             return replay_generate(scripted, bench, items, cfg.num_samples, key)
         return generate(engine, prompts, n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                        max_new_tokens=cfg.max_new_tokens, think_budget=think_budget, seed=seed)
+                        max_new_tokens=cfg.max_new_tokens, think_budget=think_budget, seed=seed,
+                        batch_size=cfg.generation_batch_size)
 
     summary = {"config": asdict(cfg), "benchmarks": {}}
     if os.path.exists(os.path.join(cfg.output_dir, "summary.json")):  # benchmarks run earlier into this folder
@@ -591,18 +768,31 @@ def main(cfg: Config):
         # ---- 2. Data: convert, then skip what an earlier run already finished -------------------------
         items = load_items(bench, cfg)
         path = os.path.join(cfg.output_dir, f"{bench}.jsonl")
-        done = read_records(path)
+        if cfg.shard:  # an engine: its own part file, plus what the JSONL already holds (read only)
+            part = shard_path(path, cfg.shard)
+            done = {r["id"]: r for r in common.read_jsonl(path)[0]}
+            done.update({r["id"]: r for r in common.repair_jsonl(part)})
+        else:
+            part, done = path, merge_shards(path, items)
         if any(len(r["responses"]) != cfg.num_samples for r in done.values()):
             raise ValueError(f"{path} was written with another --num_samples; use a new --output_dir")
-        todo = [it for it in items if it["id"] not in done]
+        lo, hi = shard_bounds(cfg.shard, len(items))
+        todo = [it for it in items[lo:hi] if it["id"] not in done]
         position = {it["id"]: p for p, it in enumerate(items)}
+        if todo and engine is None and cfg.backend != "replay":
+            engine = load_engine(cfg.model_name_or_path, cfg.backend,
+                                 tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+                                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                 max_model_len=cfg.vllm_max_model_len, seed=cfg.seed,
+                                 kv_cache_memory_bytes=cfg.vllm_kv_cache_memory_bytes)
+            processor = engine.processor
         vlm = engine is None or engine.is_vlm
         if not vlm and any(it["images"] for it in todo):
             print(f"[{bench}] text-only model: images are dropped (no text-solvable analysis)", file=sys.stderr)
-        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=bench, dynamic_ncols=True)
-        with open(path, "a", encoding="utf-8") as out:
-            for start in range(0, len(todo), cfg.batch_size):
-                chunk = todo[start:start + cfg.batch_size]
+        bar = tqdm(total=hi - lo, initial=hi - lo - len(todo), desc=bench, dynamic_ncols=True)
+        with open(part, "a", encoding="utf-8") as out:
+            for start in range(0, len(todo), cfg.items_per_call):
+                chunk = todo[start:start + cfg.items_per_call]
                 # ---- 3. Generate: k samples per item (forced exit inside generate) ------------------------
                 prompts = [build_prompt(it, processor, vlm, cfg.max_pixels, cfg.prompt_template) for it in chunk]
                 # Item p's samples use seeds seed + p * k + j: a resumed run (whole batches were written)
@@ -623,8 +813,10 @@ def main(cfg: Config):
                 os.fsync(out.fileno())
                 bar.update(len(chunk))
         bar.close()
+        if cfg.shard:
+            continue  # the run that merges the engines' parts summarizes
         # ---- 7. Summarize from the file, in the data's order, so a resumed run reports the same --------
-        done = read_records(path)
+        done = {r["id"]: r for r in common.read_jsonl(path)[0]}
         records = [done[it["id"]] for it in items if it["id"] in done]
         summary["benchmarks"][bench] = summarize(records, cfg.num_samples)
         table = write_reports(summary, cfg.output_dir, cfg.num_samples)  # after each benchmark: partial results
@@ -632,4 +824,4 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Config).parse_args_into_dataclasses()[0])
+    main(common.parse_config(Config, __doc__))

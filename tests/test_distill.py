@@ -109,7 +109,7 @@ def toy_questions(tmp_path_factory):
 def distill_args(teacher, dataset, output, *extra):
     return ["distill.py", "--backend", "hf", "--teacher", teacher, "--dataset", dataset, "--output", output,
             "--num_samples", "4", "--keep", "2", "--max_new_tokens", "32", "--temperature", "0.6",
-            "--questions_per_call", "1", *extra]
+            "--items_per_call", "1", *extra]
 
 
 def read_jsonl(path):
@@ -118,35 +118,35 @@ def read_jsonl(path):
 
 
 # ---- pure functions ---------------------------------------------------------------------------------
-def test_normalise_question_shapes():
+def test_normalize_question_shapes():
     orz = [{"from": "human", "value": "What is 1 + 1?"}, {"from": "assistant", "ground_truth": {"value": "2"}}]
-    assert distill.normalise_question(orz, 3, "f") == {"id": "3", "question": "What is 1 + 1?", "gold": "2",
+    assert distill.normalize_question(orz, 3, "f") == {"id": "3", "question": "What is 1 + 1?", "gold": "2",
                                                        "options": None}
     medqa = {"question": "Q?", "options": {"A": "x", "B": "y"}, "answer": "y", "answer_idx": "B"}
-    assert distill.normalise_question(medqa, 0, "f")["gold"] == "B"
+    assert distill.normalize_question(medqa, 0, "f")["gold"] == "B"
     mmlu = {"question_id": 70, "question": "Q?", "options": ["x", "y", "z", "N/A", "N/A"], "answer": "C"}
-    q = distill.normalise_question(mmlu, 0, "f")
+    q = distill.normalize_question(mmlu, 0, "f")
     assert q["options"] == {"A": "x", "B": "y", "C": "z"} and q["gold"] == "C" and q["id"] == "70"
-    assert distill.normalise_question({"question": "Q", "answer": "so 6 #### 42"}, 0, "f")["gold"] == "42"
+    assert distill.normalize_question({"question": "Q", "answer": "so 6 #### 42"}, 0, "f")["gold"] == "42"
     with pytest.raises(ValueError, match=r"data.jsonl row 5: no 'question'"):
-        distill.normalise_question({"prompt": "Q"}, 5, "data.jsonl")
+        distill.normalize_question({"prompt": "Q"}, 5, "data.jsonl")
     with pytest.raises(ValueError, match=r"row 1: field 'answer_idx'"):
-        distill.normalise_question({"question": "Q", "options": {"A": "x"}, "answer_idx": "E"}, 1, "f")
+        distill.normalize_question({"question": "Q", "options": {"A": "x"}, "answer_idx": "E"}, 1, "f")
 
 
-def test_normalise_response_markers():
+def test_normalize_response_markers():
     fmt = rewards.format_response("2 + 2 = 4", "4")
-    assert distill.normalise_response("<think>2 + 2 = 4</think>\n<answer>4</answer>", None) == fmt
+    assert distill.normalize_response("<think>2 + 2 = 4</think>\n<answer>4</answer>", None) == fmt
     # the chat template opened <think> itself: only </think> is generated (QwQ-32B, R1)
-    assert distill.normalise_response("2 + 2 = 4\n</think>\n\nSo the result is \\boxed{4}.", None) == fmt
+    assert distill.normalize_response("2 + 2 = 4\n</think>\n\nSo the result is \\boxed{4}.", None) == fmt
     ot = "<|begin_of_thought|>2 + 2 = 4<|end_of_thought|>\n<|begin_of_solution|>\\boxed{4}<|end_of_solution|>"
-    assert distill.normalise_response(ot, None) == fmt
+    assert distill.normalize_response(ot, None) == fmt
     opts = {"A": "3", "B": "4"}
-    assert distill.normalise_response("<think>2 + 2 = 4</think> \\boxed{B}", opts) == \
+    assert distill.normalize_response("<think>2 + 2 = 4</think> \\boxed{B}", opts) == \
         rewards.format_response("2 + 2 = 4", "B: 4")
-    assert distill.normalise_response("<answer>4</answer>", None) is None  # no thinking
-    assert distill.normalise_response("<think><think>4</think><answer>4</answer>", None) is None  # stray tag
-    assert distill.normalise_response("<think>hmm</think>\nNot sure.\nMany things.", None) is None  # no answer
+    assert distill.normalize_response("<answer>4</answer>", None) is None  # no thinking
+    assert distill.normalize_response("<think><think>4</think><answer>4</answer>", None) is None  # stray tag
+    assert distill.normalize_response("<think>hmm</think>\nNot sure.\nMany things.", None) is None  # no answer
 
 
 def test_dedup_key_and_ngrams():
@@ -216,12 +216,13 @@ def test_openai_client_retries_then_succeeds(monkeypatch):
 # ---- end to end with the hf backend -----------------------------------------------------------------
 def check_output(output, teacher, n_questions, mcq=False):
     """Rows verify, load in sft.py, have their metadata once each; the stats add up."""
+    import common
     import sft
 
     rows = read_jsonl(output)
     stats = json.load(open(output + ".stats.json"))
     done = read_jsonl(output + ".done")
-    sft_rows, base = sft.load_rows(output)
+    sft_rows, base = common.load_rows(output)  # sft.py's loader
     assert len(sft_rows) == len(rows)
     for r, sft_row in zip(rows, sft_rows):
         response = r["messages"][1]["content"]
@@ -259,7 +260,7 @@ def test_distill_hf_end_to_end(teacher_dir, toy_questions, math_run, tmp_path):
     # MedQA shape, several questions per generate() call, decontaminated against the math questions
     # ("What is 2 + 5?" is 4 words: with --ngram 4 the shared questions overlap)
     out_mcq = str(tmp_path / "mcq.jsonl")
-    run_script(*distill_args(teacher_dir, medqa, out_mcq, "--questions_per_call", "4",
+    run_script(*distill_args(teacher_dir, medqa, out_mcq, "--items_per_call", "4",
                              "--decontaminate", orz, "--ngram", "4"))
     rows, stats = check_output(out_mcq, teacher_dir, 2, mcq=True)
     assert stats["contaminated_dropped"] == 2 and stats["pass_rate"] > 0
@@ -271,8 +272,8 @@ def test_distill_hf_end_to_end(teacher_dir, toy_questions, math_run, tmp_path):
         assert r["messages"][1]["content"].endswith(f"<answer>{r['gold']}: {options[r['gold']]}</answer>")
     # decontaminating against the same questions drops them all (then no teacher is even loaded)
     out = str(tmp_path / "c.jsonl")
-    stats = distill.main(distill.DistillConfig(teacher="unused", dataset=orz, output=out, backend="hf",
-                                               decontaminate=[orz]))
+    stats = distill.main(distill.Config(teacher="unused", dataset=orz, output=out, backend="hf",
+                                        decontaminate=[orz]))
     assert stats["contaminated_dropped"] == len(MATH) and stats["rows_kept"] == stats["questions_done"] == 0
     assert json.load(open(out + ".stats.json"))["questions_selected"] == 0
 
@@ -298,3 +299,46 @@ def test_distill_resumes_after_sigkill(teacher_dir, toy_questions, math_run, tmp
     key = lambda r: (r["question_id"], r["sample"])  # noqa: E731
     assert sorted(rows_resumed, key=key) == sorted(rows_full, key=key)  # each row once, none lost
     check_output(killed, teacher_dir, N_MATH)
+
+
+# ---- several GPUs: data-parallel engines, each on its own block of the questions ------------------------
+def test_merge_shards_folds_parts_in_question_order(tmp_path):
+    """Engines' part files (one torn, one with an unfinished question) merge into the output in question
+    order; only finished questions move; the parts are gone; a second merge changes nothing."""
+    out = str(tmp_path / "d.jsonl")
+    questions = [{"id": str(i)} for i in range(4)]
+    row = lambda q, j: json.dumps({"question_id": q, "sample": j}) + "\n"  # noqa: E731
+    done = lambda q: json.dumps({"question_id": q, "kept": 1}) + "\n"  # noqa: E731
+    files = {out: (row("0", 0), done("0")),
+             distill.shard_path(out, "0/2"): (row("1", 2), done("1")),
+             distill.shard_path(out, "1/2"): (row("3", 0) + row("2", 1) + row("2", 0) + '{"quest',
+                                              done("3") + done("2"))}
+    for path, (rows, dones) in files.items():
+        open(path, "w").write(rows)
+        open(path + ".done", "w").write(dones)
+    distill.merge_shards(out, questions)
+    want = [{"question_id": q, "sample": j} for q, j in [("0", 0), ("1", 2), ("2", 0), ("2", 1), ("3", 0)]]
+    assert read_jsonl(out) == want
+    assert [d["question_id"] for d in read_jsonl(out + ".done")] == ["0", "1", "2", "3"]
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "d.jsonl.done"]
+    distill.merge_shards(out, questions)
+    assert read_jsonl(out) == want
+
+
+def test_two_engines_give_one_engines_rows(teacher_dir, toy_questions, math_run, tmp_path):
+    """--num_engines 2 (hf, two worker processes on the CPU): the same rows, done records and statistics
+    as one engine, in the same order: question p's samples keep their seed in either engine."""
+    out = str(tmp_path / "two.jsonl")
+    proc = run_script(*distill_args(teacher_dir, toy_questions[0], out, "--limit", str(N_MATH),
+                                    "--num_engines", "2"))
+    assert "engine 1/2" in proc.stdout
+    assert read_jsonl(out) == read_jsonl(math_run)
+    assert read_jsonl(out + ".done") == read_jsonl(math_run + ".done")
+    stats, ref = (json.load(open(p + ".stats.json")) for p in (out, math_run))
+    assert {k: v for k, v in stats.items() if k != "config"} == {k: v for k, v in ref.items() if k != "config"}
+    assert sorted(os.listdir(tmp_path)) == ["two.jsonl", "two.jsonl.done", "two.jsonl.stats.json",
+                                            "two.shard-0-of-2.log", "two.shard-1-of-2.log"]
+    # a rerun finds everything done and starts no engine
+    proc = run_script(*distill_args(teacher_dir, toy_questions[0], out, "--limit", str(N_MATH),
+                                    "--num_engines", "2"))
+    assert "0 to go" in proc.stdout and "engine 0/2" not in proc.stdout

@@ -79,7 +79,7 @@ def test_distill_openai_against_vllm_serve(server, tmp_path):
     out = str(tmp_path / "medqa_distilled.jsonl")
     run_script("distill.py", "--backend", "openai", "--base_url", base_url, "--teacher", name,
                "--dataset", medqa, "--output", out, "--num_samples", "4", "--keep", "2",
-               "--max_new_tokens", "32", "--temperature", "0.6", "--concurrency", "4", "--questions_per_call", "2",
+               "--max_new_tokens", "32", "--temperature", "0.6", "--concurrency", "4", "--items_per_call", "2",
                "--request_timeout", "60", "--max_retries", "2",
                env={"NO_PROXY": "127.0.0.1,localhost", "OPENAI_API_KEY": "unused-by-vllm"})
     rows, stats = check_output(out, name, len(MCQ), mcq=True)
@@ -99,7 +99,7 @@ def test_distill_vllm_engine(teacher, tmp_path):
     out = str(tmp_path / "orz_distilled.jsonl")
     run_script("distill.py", "--backend", "vllm", "--teacher", teacher, "--dataset", orz, "--output", out,
                "--num_samples", "4", "--keep", "2", "--max_new_tokens", "32", "--temperature", "0.6",
-               "--kv_cache_memory_bytes", str(256 << 20), "--max_model_len", "1024",
+               "--vllm_kv_cache_memory_bytes", str(256 << 20), "--vllm_max_model_len", "1024",
                env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_TARGET_DEVICE": "cpu"})
     rows, stats = check_output(out, teacher, len(MATH))
     assert stats["pass_rate"] > 0 and stats["duplicates_dropped"] == 1

@@ -156,12 +156,12 @@ HAND = {  # accuracy is the first sample's; maj@3 groups 24.0 with 24; text-solv
 }
 
 
-def replay_run(fixtures, tmp_path, out, replay=REPLAY, cli=False):
+def replay_run(fixtures, tmp_path, out, replay=REPLAY, cli=False, **extra):
     path = tmp_path / "replay.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in replay))
     args = dict(backend="replay", replay_file=str(path), data_dir=fixtures, output_dir=str(out),
                 benchmarks=["gsm8k,mmlu_pro_health", "mmmu_val", "mathvista_testmini"], num_samples=3,
-                temperature=0.3, text_solvable_removed=True, batch_size=2)
+                temperature=0.3, text_solvable_removed=True, items_per_call=2, **extra)
     if cli:  # through the command line once: every flag parses
         flags = []
         for k, v in args.items():
@@ -233,7 +233,7 @@ def test_resume_after_sigkill_gives_the_same_summary(tiny_vl_dir, tmp_path):
     (data / "gsm8k.jsonl").write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"})
                                               + "\n" for i in range(8)))
     args = ["evaluate.py", "--model_name_or_path", tiny_vl_dir, "--backend", "hf", "--data_dir", str(data),
-            "--benchmarks", "gsm8k", "--max_new_tokens", "16", "--think_budget", "6", "--batch_size", "1"]
+            "--benchmarks", "gsm8k", "--max_new_tokens", "16", "--think_budget", "6", "--items_per_call", "1"]
     run_script(*args, "--output_dir", str(tmp_path / "full"))
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, *args, "--output_dir", str(killed)], cwd=ROOT,
@@ -275,10 +275,73 @@ def test_vllm_backend_with_forced_exit(fixtures, tiny_text_dir, tmp_path):
     out = tmp_path / "vllm"
     run_script("evaluate.py", "--model_name_or_path", tiny_text_dir, "--backend", "vllm", "--data_dir", fixtures,
                "--output_dir", str(out), "--benchmarks", "gsm8k,mmlu_pro,mathvista_testmini",
-               "--max_new_tokens", "16", "--think_budget", "4", "--kv_cache_memory_bytes", str(256 << 20),
+               "--max_new_tokens", "16", "--think_budget", "4", "--vllm_kv_cache_memory_bytes", str(256 << 20),
                env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     summary = json.load(open(out / "summary.json"))["benchmarks"]
     for bench in summary:
         for r in map(json.loads, open(out / f"{bench}.jsonl")):
             assert "</think>" in r["responses"][0] and r["tokens"][0] <= 16
             assert r["n_images"] == 0  # a text-only model gets the image items without their images
+
+
+# ---- several GPUs: data-parallel engines, each on its own block of the items ---------------------------
+def test_tensor_parallel_size_the_model_cannot_take_is_refused(tmp_path):
+    """Qwen2.5-VL-7B has 28 attention heads: 8 GPUs per engine is refused before anything loads (no vLLM
+    here), with the data-parallel alternative; 4 is fine. Both config.json shapes (text_config or not)."""
+    for name, config in [("nested", {"text_config": {"num_attention_heads": 28}, "vision_config": {}}),
+                         ("flat", {"num_attention_heads": 28})]:
+        model = tmp_path / name
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", **config}))
+        ev.check_tensor_parallel(str(model), 4)
+        with pytest.raises(ValueError, match="28 attention heads.*--vllm_tensor_parallel_size 4 --num_engines 2"):
+            ev.main(ev.Config(model_name_or_path=str(model), backend="vllm", vllm_tensor_parallel_size=8,
+                              benchmarks=["gsm8k"], output_dir=str(tmp_path / "out")))
+
+
+def test_shards_cover_every_item_once():
+    for n_items in (0, 1, 5, 16):
+        for n in (1, 2, 3, 8):
+            blocks = [ev.shard_bounds(f"{i}/{n}", n_items) for i in range(n)]
+            assert [p for lo, hi in blocks for p in range(lo, hi)] == list(range(n_items))
+    assert ev.shard_path("out/gsm8k.jsonl", "1/4") == "out/gsm8k.shard-1-of-4.jsonl"
+    with pytest.raises(ValueError, match="i/N"):
+        ev.shard_bounds("2/2", 5)
+
+
+def test_two_engines_merge_to_one_engines_results(fixtures, tmp_path):
+    """Replay backend, --num_engines 2 (worker processes on the CPU): the merged JSONL and the summary
+    equal one engine's; a killed two-engine run (an item in the JSONL, one in a part file with a torn
+    line) resumes without asking for finished items again."""
+    one = replay_run(fixtures, tmp_path, tmp_path / "one")
+    two = replay_run(fixtures, tmp_path, tmp_path / "two", cli=True, num_engines=2)
+    assert two["benchmarks"] == one["benchmarks"]
+    for bench in one["benchmarks"]:
+        assert (tmp_path / "two" / f"{bench}.jsonl").read_text() == (tmp_path / "one" / f"{bench}.jsonl").read_text()
+    assert not list((tmp_path / "two").glob("*.shard-*.jsonl"))  # merged, then removed
+    assert (tmp_path / "two" / "shard-1-of-2.log").exists()
+
+    out = tmp_path / "killed"
+    out.mkdir()
+    lines = (tmp_path / "one" / "gsm8k.jsonl").read_text().splitlines(keepends=True)
+    (out / "gsm8k.jsonl").write_text(lines[0])
+    (out / "gsm8k.shard-1-of-2.jsonl").write_text(lines[2] + lines[1][:30])  # item 2 done, item 1 torn
+    finished = {("gsm8k", "0"), ("gsm8k", "2")}
+    again = replay_run(fixtures, tmp_path, out, replay=[r for r in REPLAY if (r["benchmark"], r["id"]) not in finished],
+                       cli=True, num_engines=2)
+    assert again["benchmarks"] == one["benchmarks"]
+    assert (out / "gsm8k.jsonl").read_text() == (tmp_path / "one" / "gsm8k.jsonl").read_text()
+
+
+def test_two_hf_engines_give_one_engines_results(fixtures, tiny_vl_dir, tmp_path):
+    """The real generation path: tiny Qwen2.5-VL, two hf engines on the CPU (text and image items),
+    greedy with one row per generate call: the same rows and summary as one engine."""
+    args = ["evaluate.py", "--model_name_or_path", tiny_vl_dir, "--backend", "hf", "--data_dir", fixtures,
+            "--benchmarks", "gsm8k,mathvista_testmini", "--max_new_tokens", "12", "--think_budget", "4",
+            "--items_per_call", "2", "--generation_batch_size", "1"]
+    run_script(*args, "--output_dir", str(tmp_path / "one"))
+    run_script(*args, "--output_dir", str(tmp_path / "two"), "--num_engines", "2")
+    one, two = (json.load(open(tmp_path / d / "summary.json"))["benchmarks"] for d in ("one", "two"))
+    assert two == one and set(one) == {"gsm8k", "mathvista_testmini"}
+    for bench in one:
+        assert (tmp_path / "two" / f"{bench}.jsonl").read_text() == (tmp_path / "one" / f"{bench}.jsonl").read_text()
