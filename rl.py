@@ -1,4 +1,4 @@
-"""Stage 2 of X-Reasoner: GRPO with verifiable rewards on text-only math (Orz-math-57k).
+r"""Stage 2 of X-Reasoner: GRPO with verifiable rewards on text-only math (Orz-math-57k).
 
     # the paper's recipe on one node of 8 GPUs: FSDP2 trainer shards + a vLLM engine colocated per GPU
     accelerate launch --config_file configs/8gpu.yaml rl.py --model_name_or_path runs/sft \\
@@ -74,8 +74,9 @@ class Config:
     )
     prompt_template: Literal["paper", "plain"] = field(
         default="paper",
-        metadata={"help": "paper: the paper's training / MCQ prompt; plain: the question alone (for "
-                          "tiny toy models, which cannot find a problem behind long instructions)"},
+        metadata={"help": "paper: the paper's training / MCQ prompt; plain: the question alone "
+                          "(for tiny toy models, which cannot find a problem behind long "
+                          "instructions)"},
     )
     max_prompt_length: int = field(
         default=1024,
@@ -85,7 +86,8 @@ class Config:
     # generation
     backend: Literal["vllm", "hf"] = field(
         default="vllm",
-        metadata={"help": "vllm: a colocated engine per GPU; hf: transformers generate (CPU, tests)"},
+        metadata={"help": "vllm: a colocated engine per GPU; hf: transformers generate (CPU, "
+                          "tests)"},
     )
     num_generations: int = field(
         default=8,
@@ -105,7 +107,8 @@ class Config:
     )
     think_budget: int | None = field(
         default=None,
-        metadata={"help": "forced exit during RL: close </think> after this many tokens (paper: off)"},
+        metadata={"help": "forced exit during RL: close </think> after this many tokens (paper: "
+                          "off)"},
     )
     generation_batch_size: int = field(
         default=64,
@@ -114,8 +117,8 @@ class Config:
     # rewards (the paper: accuracy only)
     format_reward_weight: float = field(
         default=0.0,
-        metadata={"help": "add this x rewards.format_reward (strict <think>..</think><answer>..</answer>)"
-                          " (paper: 0, no format reward)"},
+        metadata={"help": "add this x rewards.format_reward (strict "
+                          "<think>..</think><answer>..</answer>) (paper: 0, no format reward)"},
     )
     overlong_penalty: bool = field(
         default=False,
@@ -124,16 +127,19 @@ class Config:
     )
     overlong_buffer: int = field(
         default=512,
-        metadata={"help": "tokens before max_response_length where the overlong penalty ramps to -1"},
+        metadata={"help": "tokens before max_response_length where the overlong penalty ramps to "
+                          "-1"},
     )
     mask_truncated_completions: bool = field(
         default=False,
-        metadata={"help": "DAPO overlong filtering: truncated completions get no loss. Off (paper): "
-                          "RL cut truncated responses, which needs them scored 0 and trained on"},
+        metadata={"help": "DAPO overlong filtering: truncated completions get no loss. Off "
+                          "(paper): RL cut truncated responses, which needs them scored 0 and "
+                          "trained on"},
     )
     dynamic_sampling: bool = field(
         default=False,
-        metadata={"help": "DAPO: replace groups whose rewards are all equal by fresh ones (paper: off)"},
+        metadata={"help": "DAPO: replace groups whose rewards are all equal by fresh ones (paper: "
+                          "off)"},
     )
     dynamic_sampling_max_rounds: int = field(
         default=3,
@@ -146,9 +152,10 @@ class Config:
     )
     packing: bool = field(
         default=True,
-        metadata={"help": "pack the step's sequences into rows (position ids restart per sequence) and "
-                          "micro-batches of micro_batch_tokens: no padding; off = micro_batch_size "
-                          "padded sequences per pass. Memory and speed only, the math is the same"},
+        metadata={"help": "pack the step's sequences into rows (position ids restart per "
+                          "sequence) and micro-batches of micro_batch_tokens: no padding; off = "
+                          "micro_batch_size padded sequences per pass. Memory and speed only, the "
+                          "math is the same"},
     )
     micro_batch_tokens: int = field(
         default=10240,
@@ -192,7 +199,8 @@ class Config:
     )
     lr_scheduler: Literal["constant", "cosine"] = field(
         default="constant",
-        metadata={"help": "after warm-up: constant (verl's default; paper: not stated) or cosine to 0"},
+        metadata={"help": "after warm-up: constant (verl's default; paper: not stated) or cosine "
+                          "to 0"},
     )
     max_grad_norm: float = field(
         default=1.0,
@@ -200,7 +208,8 @@ class Config:
     )
     beta: float = field(
         default=1e-2,
-        metadata={"help": "k3 KL penalty to the frozen starting model (paper: 1e-2); 0 = no reference"},
+        metadata={"help": "k3 KL penalty to the frozen starting model (paper: 1e-2); 0 = no "
+                          "reference"},
     )
     eps_low: float = field(
         default=0.2,
@@ -208,7 +217,8 @@ class Config:
     )
     eps_high: float = field(
         default=0.28,
-        metadata={"help": "clip-higher above 1 (paper: 'clip-higher', value not given; DAPO's 0.28)"},
+        metadata={"help": "clip-higher above 1 (paper: 'clip-higher', value not given; DAPO's "
+                          "0.28)"},
     )
     scale_rewards: bool = field(
         default=True,
@@ -217,8 +227,8 @@ class Config:
     tis_cap: float = field(
         default=2.0,
         metadata={"help": "truncated importance sampling: weight each token by min(pi_train / "
-                          "pi_sampler, cap), for the gap between vLLM's and the trainer's log-probs "
-                          "(after the paper; 0 = off)"},
+                          "pi_sampler, cap), for the gap between vLLM's and the trainer's "
+                          "log-probs (after the paper; 0 = off)"},
     )
     freeze_vision_tower: bool = field(
         default=True,
@@ -234,12 +244,13 @@ class Config:
     )
     bf16: bool = field(
         default=True,
-        metadata={"help": "GPUs: compute in bf16 with fp32 master weights and gradient reduction, and a "
-                          "bf16 reference model; the CPU always runs fp32"},
+        metadata={"help": "GPUs: compute in bf16 with fp32 master weights and gradient reduction, "
+                          "and a bf16 reference model; the CPU always runs fp32"},
     )
     logprob_chunk_size: int = field(
         default=512,
-        metadata={"help": "tokens per LM-head chunk in the log-probs: memory only, the math is the same"},
+        metadata={"help": "tokens per LM-head chunk in the log-probs: memory only, the math is "
+                          "the same"},
     )
     # vLLM
     vllm_gpu_memory_utilization: float = field(
@@ -248,7 +259,8 @@ class Config:
     )
     vllm_tensor_parallel_size: int = field(
         default=1,
-        metadata={"help": "GPUs per engine (must divide the model's attention heads: 28 for the 7B)"},
+        metadata={"help": "GPUs per engine (must divide the model's attention heads: 28 for the "
+                          "7B)"},
     )
     vllm_sleep: bool = field(
         default=True,
@@ -256,7 +268,8 @@ class Config:
     )
     vllm_dtype: str = field(
         default="auto",
-        metadata={"help": "vLLM's weight dtype (auto: the checkpoint's, bf16 for the paper's model)"},
+        metadata={"help": "vLLM's weight dtype (auto: the checkpoint's, bf16 for the paper's "
+                          "model)"},
     )
     vllm_kv_cache_memory_bytes: int | None = field(
         default=None,

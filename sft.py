@@ -1,4 +1,4 @@
-"""Stage 1 of X-Reasoner: supervised fine-tuning of a vision-language model on text-only long CoT.
+r"""Stage 1 of X-Reasoner: supervised fine-tuning of a vision-language model on text-only long CoT.
 
     # a laptop: the tiny toy model
     python sft.py --model_name_or_path tiny-vl --dataset toy/sft/openthoughts.jsonl \
@@ -54,13 +54,13 @@ class Config:
     # model and data
     model_name_or_path: str = field(
         default="Qwen/Qwen2.5-VL-7B-Instruct",
-        metadata={"help": "hub id or folder; VLMs load with AutoModelForImageTextToText, text models "
-                          "with AutoModelForCausalLM (paper: Qwen2.5-VL-7B-Instruct)"},
+        metadata={"help": "hub id or folder; VLMs load with AutoModelForImageTextToText, text "
+                          "models with AutoModelForCausalLM (paper: Qwen2.5-VL-7B-Instruct)"},
     )
     dataset: str = field(
         default="open-thoughts/OpenThoughts-114k",
-        metadata={"help": "hub id, or a local .jsonl/.json/.parquet/.csv file or save_to_disk folder "
-                          "(paper: OpenThoughts-114k)"},
+        metadata={"help": "hub id, or a local .jsonl/.json/.parquet/.csv file or save_to_disk "
+                          "folder (paper: OpenThoughts-114k)"},
     )
     dataset_config: str = field(
         default="",
@@ -76,11 +76,13 @@ class Config:
     )
     keep_system_prompt: bool = field(
         default=False,
-        metadata={"help": "keep the dataset's own system prompt (paper: dropped; its format has none)"},
+        metadata={"help": "keep the dataset's own system prompt (paper: dropped; its format has "
+                          "none)"},
     )
     on_bad_row: Literal["error", "skip"] = field(
         default="error",
-        metadata={"help": "a malformed row: stop, naming file, row and field; or drop it and count it"},
+        metadata={"help": "a malformed row: stop, naming file, row and field; or drop it and "
+                          "count it"},
     )
     assistant_header: str = field(
         default="<|im_start|>assistant\n",
@@ -111,9 +113,9 @@ class Config:
     )
     pack_length: int = field(
         default=0,
-        metadata={"help": "row length for packing; 0 = the micro-batch's longest example, so rows are "
-                          "never longer than padded ones (with flash attention, max_length packs "
-                          "tightest)"},
+        metadata={"help": "row length for packing; 0 = the micro-batch's longest example, so rows "
+                          "are never longer than padded ones (with flash attention, max_length "
+                          "packs tightest)"},
     )
     per_device_batch_size: int = field(
         default=4,
@@ -139,8 +141,8 @@ class Config:
     )
     lr_scheduler: Literal["epoch_decay", "cosine", "linear"] = field(
         default="epoch_decay",
-        metadata={"help": "epoch_decay: lr x lr_decay after each epoch, stepwise (paper); cosine or "
-                          "linear: to 0 after warm-up"},
+        metadata={"help": "epoch_decay: lr x lr_decay after each epoch, stepwise (paper); cosine "
+                          "or linear: to 0 after warm-up"},
     )
     lr_decay: float = field(
         default=0.8,
@@ -164,8 +166,8 @@ class Config:
     )
     max_grad_norm: float = field(
         default=1.0,
-        metadata={"help": "clip the global grad norm (paper: not stated; 1.0 is the common default; "
-                          "0 = off)"},
+        metadata={"help": "clip the global grad norm (paper: not stated; 1.0 is the common "
+                          "default; 0 = off)"},
     )
     freeze_vision_tower: bool = field(
         default=True,
@@ -182,12 +184,13 @@ class Config:
     )
     bf16: bool = field(
         default=True,
-        metadata={"help": "GPUs: compute in bf16, fp32 master weights and gradient reduction (lr 1e-5 "
-                          "updates vanish in bf16 weights); the CPU always runs fp32"},
+        metadata={"help": "GPUs: compute in bf16, fp32 master weights and gradient reduction (lr "
+                          "1e-5 updates vanish in bf16 weights); the CPU always runs fp32"},
     )
     logprob_chunk_size: int = field(
         default=512,
-        metadata={"help": "tokens per LM-head chunk in the loss: memory only, the math is unchanged"},
+        metadata={"help": "tokens per LM-head chunk in the loss: memory only, the math is "
+                          "unchanged"},
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
         default="sdpa",
@@ -200,7 +203,8 @@ class Config:
     # checkpoints and logging
     save_steps: int = field(
         default=500,
-        metadata={"help": "save a checkpoint every N steps (and always at the end; 0 = only at the end)"},
+        metadata={"help": "save a checkpoint every N steps (and always at the end; 0 = only at "
+                          "the end)"},
     )
     save_total_limit: int = field(
         default=2,
@@ -212,8 +216,8 @@ class Config:
     )
     resume: bool = field(
         default=False,
-        metadata={"help": "continue from the newest checkpoint in output_dir (weights, optimizer, RNG, "
-                          "data position)"},
+        metadata={"help": "continue from the newest checkpoint in output_dir (weights, optimizer, "
+                          "RNG, data position)"},
     )
     report_to: Literal["none", "wandb", "tensorboard"] = field(
         default="none",
