@@ -7,11 +7,16 @@ the bottom.
 """
 
 import argparse
+import dataclasses
+import glob
 import inspect
 import io
 import json
+import math
+import multiprocessing
 import os
 import re
+import sys
 
 import torch
 
@@ -77,20 +82,23 @@ def load_rows(path: str, split: str = "train", config: str | None = None) -> tup
     if os.path.isdir(path):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
+            if split not in ds and len(ds) != 1:
                 raise ValueError(f"{path}: no split {split!r} (have: {', '.join(ds)})")
-            ds = ds[split]
+            ds = ds[split] if split in ds else next(iter(ds.values()))  # a single split: that one
         return list(ds), os.path.abspath(path)
     return list(datasets.load_dataset(path, config or None, split=split)), os.getcwd()
 
 
 def open_image(image, base_dir: str = ""):
     """An image field as a PIL RGB image: a PIL image, datasets' {"bytes", "path"}, raw bytes, or a path
-    (absolute, or relative to `base_dir` or its `images/` folder)."""
+    (absolute, or relative to `base_dir` or its `images/` folder). No image (None, or a dict with
+    neither bytes nor path) -> None."""
     from PIL import Image
 
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
+    if image is None:
+        return None
     if isinstance(image, (bytes, bytearray)):
         image = Image.open(io.BytesIO(image))
     elif isinstance(image, str):
@@ -623,3 +631,106 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, processor, ext
         prune_checkpoints(output_dir, keep)
     barrier()
     return final
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several GPUs for generation (evaluate.py, distill.py): data-parallel engines, each a copy of the
+# script on its own GPUs and its own contiguous block of items, writing its own part files
+
+def check_tensor_parallel(model: str, tensor_parallel_size: int) -> None:
+    """Refuse, before anything loads, a tensor-parallel size the model cannot take: vLLM splits the
+    attention heads evenly over an engine's GPUs (Qwen2.5-VL-7B has 28: 1, 2, 4 or 7 GPUs)."""
+    if tensor_parallel_size <= 1:
+        return
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(model, "config.json")
+        except Exception:  # noqa: BLE001: offline, or not a hub id; vLLM will say what is wrong
+            return
+    with open(path) as f:
+        config = json.load(f)
+    text_config = config.get("text_config") or config  # a VLM's language model
+    heads = text_config.get("num_attention_heads") or config.get("num_attention_heads")
+    if heads and heads % tensor_parallel_size:
+        tp, fit = tensor_parallel_size, math.gcd(heads, tensor_parallel_size)
+        raise ValueError(f"--vllm_tensor_parallel_size {tp}: {model} has {heads} attention heads, "
+                         f"which {tp} GPUs cannot share evenly. On {tp} GPUs use "
+                         f"--vllm_tensor_parallel_size {fit} --num_engines {tp // fit} "
+                         f"({tp // fit} engines of {fit} GPUs, data parallel)")
+
+
+def shard_bounds(shard: str, n_items: int) -> tuple[int, int]:
+    """--shard 'i/N' -> [lo, hi): the i-th of N contiguous blocks of the items ('': all of them).
+    Contiguous, not i::N, so a call's items stay consecutive and keep one engine's seeds."""
+    if not shard:
+        return 0, n_items
+    m = re.fullmatch(r"(\d+)/(\d+)", shard)
+    if not m or int(m[1]) >= int(m[2]):
+        raise ValueError(f"--shard {shard!r}: expected i/N with 0 <= i < N, e.g. 0/2")
+    i, n = int(m[1]), int(m[2])
+    return i * n_items // n, (i + 1) * n_items // n
+
+
+def shard_path(path: str, shard: str) -> str:
+    """What engine i of N writes instead of `path` (data/x.jsonl -> data/x.shard-i-of-N.jsonl)."""
+    if not shard:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.shard-{shard.replace('/', '-of-')}{ext}"
+
+
+def shard_paths(path: str) -> list[str]:
+    """Every engine's part file of `path` that exists (any N)."""
+    root, ext = os.path.splitext(path)
+    found = glob.glob(glob.escape(root) + ".shard-*-of-*" + glob.escape(ext))
+    middle = lambda p: p[len(root):len(p) - len(ext)]  # noqa: E731
+    return sorted(p for p in found if re.fullmatch(r"\.shard-\d+-of-\d+", middle(p)))
+
+
+def run_shard(main, cfg, log: str) -> None:
+    """An engine's process: its output goes to its log file, then main() on its shard."""
+    with open(log, "a") as f:
+        os.dup2(f.fileno(), sys.stdout.fileno())
+        os.dup2(f.fileno(), sys.stderr.fileno())
+    main(cfg)
+
+
+def run_engines(cfg, main, log_prefix: str) -> None:
+    """Data parallel (evaluate.py, distill.py): cfg.num_engines copies of the script (`main`) (fresh interpreters), engine i on
+    its own group of GPUs (vllm_tensor_parallel_size of them; hf: one) with --shard i/N. Returns
+    when all have finished; raises if one failed (rerun the same command: each engine resumes)."""
+    n, per = cfg.num_engines, cfg.vllm_tensor_parallel_size if cfg.backend == "vllm" else 1
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = [g for g in visible.split(",") if g.strip()]
+    else:
+        import torch
+
+        gpus = [str(g) for g in range(torch.cuda.device_count())]
+    if gpus and len(gpus) < n * per:
+        raise ValueError(f"--num_engines {n} of {per} GPU(s) each needs {n * per} GPUs; "
+                         f"{len(gpus)} visible ({','.join(gpus)})")
+    spawn = multiprocessing.get_context("spawn")  # not fork: CUDA and vLLM start clean in each
+    procs, logs = [], []
+    for i in range(n):
+        logs.append(f"{log_prefix}shard-{i}-of-{n}.log")
+        group = ",".join(gpus[i * per:(i + 1) * per])
+        print(f"engine {i}/{n}: GPUs {group or 'none (CPU)'}, log {logs[i]}", flush=True)
+        if gpus:  # the child inherits the environment as it is at start()
+            os.environ["CUDA_VISIBLE_DEVICES"] = group
+        shard_cfg = dataclasses.replace(cfg, num_engines=1, shard=f"{i}/{n}")
+        procs.append(spawn.Process(target=run_shard, args=(main, shard_cfg, logs[i])))
+        procs[-1].start()
+    if gpus and visible is None:
+        del os.environ["CUDA_VISIBLE_DEVICES"]
+    elif gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    for p in procs:
+        p.join()
+    failed = [i for i, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"engine(s) {failed} failed: see {', '.join(logs[i] for i in failed)}; "
+                           "rerun the same command to resume")

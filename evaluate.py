@@ -28,13 +28,9 @@ on 8 GPUs, 8 engines of 1 GPU beat one engine split 8 ways (which the 7B's 28 he
 """
 
 import ast
-import dataclasses
-import glob
 import hashlib
 import io
 import json
-import math
-import multiprocessing
 import os
 import random
 import re
@@ -508,7 +504,7 @@ def merge_shards(path: str, items: list[dict]) -> dict:
     """Records of a benchmark's JSONL by id, after folding the engines' part files
     (<benchmark>.shard-i-of-N.jsonl) into it in the items' order and cutting a line torn by a kill.
     A kill at any point loses nothing: the parts go only once the JSONL holds them."""
-    parts = shard_paths(path)
+    parts = common.shard_paths(path)
     if not parts:
         return {r["id"]: r for r in common.repair_jsonl(path)}
     records = {r["id"]: r for p in [path] + parts for r in common.read_jsonl(p)[0]}
@@ -521,103 +517,6 @@ def merge_shards(path: str, items: list[dict]) -> dict:
 
 
 # ---- Several GPUs: data-parallel engines, each a copy of this script on its own GPUs and items ---
-def check_tensor_parallel(model: str, tensor_parallel_size: int) -> None:
-    """Refuse, before anything loads, a tensor-parallel size the model cannot take: vLLM splits the
-    attention heads evenly over an engine's GPUs (Qwen2.5-VL-7B has 28: 1, 2, 4 or 7 GPUs)."""
-    if tensor_parallel_size <= 1:
-        return
-    path = os.path.join(model, "config.json")
-    if not os.path.isfile(path):
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(model, "config.json")
-        except Exception:  # noqa: BLE001: offline, or not a hub id; vLLM will say what is wrong
-            return
-    with open(path) as f:
-        config = json.load(f)
-    text_config = config.get("text_config") or config  # a VLM's language model
-    heads = text_config.get("num_attention_heads") or config.get("num_attention_heads")
-    if heads and heads % tensor_parallel_size:
-        tp, fit = tensor_parallel_size, math.gcd(heads, tensor_parallel_size)
-        raise ValueError(f"--vllm_tensor_parallel_size {tp}: {model} has {heads} attention heads, "
-                         f"which {tp} GPUs cannot share evenly. On {tp} GPUs use "
-                         f"--vllm_tensor_parallel_size {fit} --num_engines {tp // fit} "
-                         f"({tp // fit} engines of {fit} GPUs, data parallel)")
-
-
-def shard_bounds(shard: str, n_items: int) -> tuple[int, int]:
-    """--shard 'i/N' -> [lo, hi): the i-th of N contiguous blocks of the items ('': all of them).
-    Contiguous, not i::N, so a call's items stay consecutive and keep one engine's seeds."""
-    if not shard:
-        return 0, n_items
-    m = re.fullmatch(r"(\d+)/(\d+)", shard)
-    if not m or int(m[1]) >= int(m[2]):
-        raise ValueError(f"--shard {shard!r}: expected i/N with 0 <= i < N, e.g. 0/2")
-    i, n = int(m[1]), int(m[2])
-    return i * n_items // n, (i + 1) * n_items // n
-
-
-def shard_path(path: str, shard: str) -> str:
-    """What engine i of N writes instead of `path` (data/x.jsonl -> data/x.shard-i-of-N.jsonl)."""
-    if not shard:
-        return path
-    root, ext = os.path.splitext(path)
-    return f"{root}.shard-{shard.replace('/', '-of-')}{ext}"
-
-
-def shard_paths(path: str) -> list[str]:
-    """Every engine's part file of `path` that exists (any N)."""
-    root, ext = os.path.splitext(path)
-    found = glob.glob(glob.escape(root) + ".shard-*-of-*" + glob.escape(ext))
-    middle = lambda p: p[len(root):len(p) - len(ext)]  # noqa: E731
-    return sorted(p for p in found if re.fullmatch(r"\.shard-\d+-of-\d+", middle(p)))
-
-
-def run_shard(cfg, log: str) -> None:
-    """An engine's process: its output goes to its log file, then main() on its shard."""
-    with open(log, "a") as f:
-        os.dup2(f.fileno(), sys.stdout.fileno())
-        os.dup2(f.fileno(), sys.stderr.fileno())
-    main(cfg)
-
-
-def run_engines(cfg, log_prefix: str) -> None:
-    """Data parallel: cfg.num_engines copies of this script (fresh interpreters), engine i on
-    its own group of GPUs (vllm_tensor_parallel_size of them; hf: one) with --shard i/N. Returns
-    when all have finished; raises if one failed (rerun the same command: each engine resumes)."""
-    n, per = cfg.num_engines, cfg.vllm_tensor_parallel_size if cfg.backend == "vllm" else 1
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        gpus = [g for g in visible.split(",") if g.strip()]
-    else:
-        import torch
-
-        gpus = [str(g) for g in range(torch.cuda.device_count())]
-    if gpus and len(gpus) < n * per:
-        raise ValueError(f"--num_engines {n} of {per} GPU(s) each needs {n * per} GPUs; "
-                         f"{len(gpus)} visible ({','.join(gpus)})")
-    spawn = multiprocessing.get_context("spawn")  # not fork: CUDA and vLLM start clean in each
-    procs, logs = [], []
-    for i in range(n):
-        logs.append(f"{log_prefix}shard-{i}-of-{n}.log")
-        group = ",".join(gpus[i * per:(i + 1) * per])
-        print(f"engine {i}/{n}: GPUs {group or 'none (CPU)'}, log {logs[i]}", flush=True)
-        if gpus:  # the child inherits the environment as it is at start()
-            os.environ["CUDA_VISIBLE_DEVICES"] = group
-        shard_cfg = dataclasses.replace(cfg, num_engines=1, shard=f"{i}/{n}")
-        procs.append(spawn.Process(target=run_shard, args=(shard_cfg, logs[i])))
-        procs[-1].start()
-    if gpus and visible is None:
-        del os.environ["CUDA_VISIBLE_DEVICES"]
-    elif gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible
-    for p in procs:
-        p.join()
-    failed = [i for i, p in enumerate(procs) if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"engine(s) {failed} failed: see {', '.join(logs[i] for i in failed)}; "
-                           "rerun the same command to resume")
 
 
 def replay_generate(table: dict, bench: str, items: list, n: int, key: str) -> list[list[Completion]]:
@@ -743,10 +642,10 @@ def main(cfg: Config):
     if cfg.num_engines > 1 and cfg.shard:
         raise ValueError("--num_engines starts the engines, each on its own --shard: not both")
     if cfg.backend == "vllm":
-        check_tensor_parallel(cfg.model_name_or_path, cfg.vllm_tensor_parallel_size)
+        common.check_tensor_parallel(cfg.model_name_or_path, cfg.vllm_tensor_parallel_size)
     engine, processor, scripted = None, None, {}
     if cfg.num_engines > 1:
-        run_engines(cfg, log_prefix=os.path.join(cfg.output_dir, ""))
+        common.run_engines(cfg, main, log_prefix=os.path.join(cfg.output_dir, ""))
     elif cfg.backend == "replay":
         with open(cfg.replay_file) as f:
             for row in map(json.loads, filter(str.strip, f)):
@@ -769,14 +668,14 @@ def main(cfg: Config):
         items = load_items(bench, cfg)
         path = os.path.join(cfg.output_dir, f"{bench}.jsonl")
         if cfg.shard:  # an engine: its own part file, plus what the JSONL already holds (read only)
-            part = shard_path(path, cfg.shard)
+            part = common.shard_path(path, cfg.shard)
             done = {r["id"]: r for r in common.read_jsonl(path)[0]}
             done.update({r["id"]: r for r in common.repair_jsonl(part)})
         else:
             part, done = path, merge_shards(path, items)
         if any(len(r["responses"]) != cfg.num_samples for r in done.values()):
             raise ValueError(f"{path} was written with another --num_samples; use a new --output_dir")
-        lo, hi = shard_bounds(cfg.shard, len(items))
+        lo, hi = common.shard_bounds(cfg.shard, len(items))
         todo = [it for it in items[lo:hi] if it["id"] not in done]
         position = {it["id"]: p for p, it in enumerate(items)}
         if todo and engine is None and cfg.backend != "replay":

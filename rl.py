@@ -3,7 +3,8 @@ r"""Stage 2 of X-Reasoner: GRPO with verifiable rewards on text-only math (Orz-m
     # the paper's recipe on one node of 8 GPUs: FSDP2 trainer shards + a vLLM engine colocated per GPU
     accelerate launch --config_file configs/8gpu.yaml rl.py --model_name_or_path runs/sft \\
         --dataset orz_math_57k_collected.json --output_dir runs/rl
-    # a laptop: transformers' generate instead of vLLM, the tiny toy model
+    # a laptop: transformers' generate instead of vLLM, a tiny random VLM and toy data (made by
+    # python scripts/make_tiny_model.py --output_dir tiny-vl; python scripts/make_toy_data.py --output_dir toy)
     python rl.py --backend hf --model_name_or_path tiny-vl --dataset toy/rl/orz_math.json \\
         --output_dir /tmp/rl --max_steps 2 --prompts_per_step 4 --num_generations 4 \\
         --max_response_length 32
@@ -578,7 +579,8 @@ def make_samples(groups, cfg, processor, tokenizer, placeholders, rope_index=Non
         for j, c in enumerate(g["completions"]):
             rope = None
             if rope_index is not None and vision:  # positions of prompt + completion, images included
-                ids = torch.tensor([prompt_ids + (list(c.token_ids) or [tokenizer.pad_token_id])])
+                fed = [tokenizer.pad_token_id if t in placeholders else t for t in c.token_ids]  # as collate
+                ids = torch.tensor([prompt_ids + (fed or [tokenizer.pad_token_id])])
                 rope = rope_index(ids, vision["image_grid_thw"])
             train_on = g["rewards"] is not None and not (
                 c.finish_reason == "length" and cfg.mask_truncated_completions)
@@ -591,11 +593,40 @@ def make_samples(groups, cfg, processor, tokenizer, placeholders, rope_index=Non
     return samples
 
 
-def group_sums(groups):
-    """Per-rank sums of what the log reports about the samples (summed over ranks, then divided)."""
+def set_lr(optimizer, cfg, update, total_updates):
+    """Linear warm-up over warmup_ratio of the updates, then constant or cosine; returns the lr."""
+    lr = cfg.learning_rate * lr_factor(update, int(cfg.warmup_ratio * total_updates), total_updates,
+                                       cfg.lr_scheduler)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def add_train_stats(train, batch, logp, entropy, w, stats, cfg, first_pass):
+    """Accumulate the loss pass's diagnostics (token sums; divided by the step's tokens in the log):
+    clip fraction, and on the first pass over the batch as sampled: KL, entropy, the gap between the
+    trainer's and the sampler's log-probs, and how often the TIS weight hit its cap."""
+    mask = batch["mask"]
+    n_tok = mask.sum().item()
+    train["clip"] += stats["clip_fraction"] * n_tok / cfg.num_iterations
+    if first_pass:
+        gap = (logp.detach() - batch["sampler_logprobs"]).abs() * mask
+        train["gap_max"] = max(train["gap_max"], gap.max().item())
+        train["tokens"] += n_tok
+        train["gap"] += gap.sum().item()
+        train["kl"] += stats["kl"] * n_tok
+        train["entropy"] += (entropy * mask).sum().item()
+        train["tis_clipped"] += ((w >= cfg.tis_cap) * mask).sum().item() if w is not None else 0.0
+
+
+def group_sums(groups, cfg):
+    """Per-rank sums of what the log reports about the samples (summed over ranks, then divided).
+    The same keys on every rank, whatever its groups (the all-reduce adds them position by position)."""
+    components = ["accuracy"] + ["format_reward"] * bool(cfg.format_reward_weight) + [
+        "overlong_penalty"] * cfg.overlong_penalty
     s = dict.fromkeys(["groups", "zero_var_groups", "skipped_groups", "completions", "scored",
-                       "reward_sum", "reward_sq_sum", "accuracy_sum", "response_tokens", "truncated",
-                       "forced_exits"], 0.0)
+                       "reward_sum", "reward_sq_sum", "response_tokens", "truncated", "forced_exits"]
+                      + [f"{c}_sum" for c in components], 0.0)
     for g in groups:
         comps, r = g["completions"], g["rewards"]
         s["groups"] += 1
@@ -610,7 +641,7 @@ def group_sums(groups):
             s["reward_sum"] += sum(r)
             s["reward_sq_sum"] += sum(x * x for x in r)
             for k, v in g["metrics"].items():
-                s[f"{k}_sum"] = s.get(f"{k}_sum", 0.0) + sum(v)
+                s[f"{k}_sum"] += sum(v)
     return s
 
 
@@ -760,34 +791,20 @@ def main(cfg: Config):
                     batch[key] = completion_logprobs(m, batch, cfg.temperature)[0]  # [R, W]
 
         # ==== 5. update: clipped, token-level policy gradient over the whole step ====
-        train = dict.fromkeys(["train_tokens", "train_clip", "train_kl", "train_entropy", "train_gap",
-                               "train_tis_clipped"], 0.0)
-        gap_max, grad_norm = 0.0, 0.0
+        train = dict.fromkeys(["tokens", "clip", "kl", "entropy", "gap", "gap_max", "tis_clipped"], 0.0)
         for it in range(cfg.num_iterations):
-            lr = cfg.learning_rate * lr_factor(step * cfg.num_iterations + it, int(cfg.warmup_ratio * total_updates),
-                                               total_updates, cfg.lr_scheduler)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_lr(optimizer, cfg, step * cfg.num_iterations + it, total_updates)
             for batch in batches:
                 with amp:
                     logp, entropy = completion_logprobs(model, batch, cfg.temperature, with_entropy=it == 0)
                 old = batch.get("old_logprobs", logp.detach())  # on-policy: ratio 1, gradient A * grad log pi
-                adv, mask = batch["advantages"], batch["mask"]  # [R, W]: per token
-                if cfg.tis_cap > 0:  # weighting A is weighting the token's clipped term (w > 0)
-                    w = tis_weights(old, batch["sampler_logprobs"], cfg.tis_cap)  # [R, W]
-                    adv = adv * w
-                loss, stats = policy_loss(logp, old, adv, mask, step_tokens / world, cfg.eps_low, cfg.eps_high,
-                                          batch.get("ref_logprobs"), cfg.beta)
+                # truncated importance sampling: weighting A weights the token's clipped term (w > 0)
+                w = tis_weights(old, batch["sampler_logprobs"], cfg.tis_cap) if cfg.tis_cap > 0 else None
+                adv = batch["advantages"] * w if w is not None else batch["advantages"]  # [R, W]
+                loss, stats = policy_loss(logp, old, adv, batch["mask"], step_tokens / world, cfg.eps_low,
+                                          cfg.eps_high, batch.get("ref_logprobs"), cfg.beta)
                 loss.backward()  # FSDP2 reduce-scatters into fp32 gradient shards; they accumulate
-                n_tok = mask.sum().item()
-                train["train_clip"] += stats["clip_fraction"] * n_tok / cfg.num_iterations
-                if it == 0:  # diagnostics of the batch as sampled
-                    gap = (logp.detach() - batch["sampler_logprobs"]).abs() * mask
-                    gap_max = max(gap_max, gap.max().item())
-                    for k, v in (("tokens", n_tok), ("gap", gap.sum().item()), ("kl", stats["kl"] * n_tok),
-                                 ("entropy", (entropy * mask).sum().item()),
-                                 ("tis_clipped", ((w >= cfg.tis_cap) * mask).sum().item() if cfg.tis_cap > 0 else 0)):
-                        train[f"train_{k}"] += v
+                add_train_stats(train, batch, logp, entropy, w, stats, cfg, first_pass=it == 0)
             grad_norm = common.grad_norm_and_clip(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -802,7 +819,8 @@ def main(cfg: Config):
         t_sync = time.time() - t0
 
         # ==== 7. log: metrics summed over ranks ====
-        sums = {**group_sums(groups), **train, "refill_groups": refilled}
+        gap_max = train.pop("gap_max")
+        sums = {**group_sums(groups, cfg), **{f"train_{k}": v for k, v in train.items()}, "refill_groups": refilled}
         keys = sorted(sums)  # every rank must reduce the same keys in the same order
         sums = dict(zip(keys, common.all_reduce([sums[k] for k in keys])))
         maxes = dict(zip(["response_length_max", "logprob_gap_max", "time_generate", "time_score", "time_train",

@@ -1,6 +1,7 @@
 r"""Stage 1 of X-Reasoner: supervised fine-tuning of a vision-language model on text-only long CoT.
 
-    # a laptop: the tiny toy model
+    # a laptop: a tiny random VLM and toy data (python scripts/make_tiny_model.py --output_dir tiny-vl;
+    # python scripts/make_toy_data.py --output_dir toy)
     python sft.py --model_name_or_path tiny-vl --dataset toy/sft/openthoughts.jsonl \
         --output_dir runs/sft-toy --max_steps 50 --per_device_batch_size 8 --learning_rate 1e-3
     # the paper, one node of 8 GPUs (FSDP2; --gradient_accumulation_steps 4 keeps the global batch 128)

@@ -5,6 +5,8 @@
 #   bash scripts/test.sh --fast    # skip the tests marked slow
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the quick start's venv when there is one, so a new shell needs no `source .venv/bin/activate`
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PY=${PYTHON:-python}
 VLLM_PY=${VLLM_PYTHON:-.venv-vllm/bin/python}
 marker=()

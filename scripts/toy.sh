@@ -52,7 +52,7 @@ timed "stage 0: base VLM (sft.py, text + image rows)" "$RUN/base/config.json" \
   $PY sft.py --model_name_or_path "$RUN/random" --dataset "$RUN/data/sft/messages.jsonl" --output_dir "$RUN/base" \
     --max_steps "$BASE_STEPS" --per_device_batch_size 32 --learning_rate 1.5e-3 --lr_scheduler cosine \
     --warmup_ratio 0.04 --freeze_vision_tower False --gradient_checkpointing False --max_length 512 \
-    --save_steps 0 --seed "$SEED"
+    --save_steps 0 --save_dtype float32 --seed "$SEED"
 
 # Stage 1: text-only CoT SFT, vision tower and projector frozen (the paper freezes the vision encoder).
 # The rows are data/sft/openthoughts.jsonl's, in the chat shape. Every stage asks the question alone
@@ -61,14 +61,14 @@ timed "stage 1: text-only CoT SFT (sft.py)" "$RUN/sft/config.json" \
   $PY sft.py --model_name_or_path "$RUN/base" --dataset "$RUN/data/sft/cot_messages.jsonl" --output_dir "$RUN/sft" \
     --max_steps "$SFT_STEPS" --per_device_batch_size 32 --learning_rate "$SFT_LR" --lr_scheduler cosine \
     --warmup_ratio 0.05 --freeze_vision_tower True --freeze_projector True --gradient_checkpointing False \
-    --max_length 512 --save_steps 0 --seed "$SEED"
+    --max_length 512 --save_steps 0 --save_dtype float32 --seed "$SEED"
 
 # Stage 2: GRPO on text-only problems (paper: 8 generations, temperature 1, clip-higher, beta 1e-2).
 timed "stage 2: text-only GRPO (rl.py --backend hf)" "$RUN/rl/config.json" \
   $PY rl.py --model_name_or_path "$RUN/sft" --dataset "$RUN/data/rl/orz_math.json" --output_dir "$RUN/rl" \
     --backend hf --max_steps "$RL_STEPS" --prompts_per_step "$RL_PROMPTS" --num_generations 8 \
-    --max_response_length 128 --prompt_template plain --learning_rate "$RL_LR" --warmup_ratio 0.1 --micro_batch_size 32 \
-    --save_steps 0 --seed "$SEED"
+    --max_response_length 128 --prompt_template plain --learning_rate "$RL_LR" --warmup_ratio 0.1 \
+    --gradient_checkpointing False --save_steps 0 --save_dtype float32 --seed "$SEED"
 
 # Stage 3: greedy evaluation of each stage on held-out problems, as text and as images.
 for stage in base sft rl; do

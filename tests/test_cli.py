@@ -123,13 +123,3 @@ def test_one_name_for_one_idea():
                 types.setdefault(name, {})[script] = t
     drift = {name: by_script for name, by_script in types.items() if len(set(by_script.values())) > 1}
     assert not drift, f"same flag, different types: {drift}"
-
-
-def test_engine_plumbing_copies_are_identical():
-    """evaluate.py and distill.py carry the same data-parallel engine plumbing (byte-identical copies, so a
-    fix lands in both)."""
-    names = ["check_tensor_parallel", "shard_bounds", "shard_path", "shard_paths", "run_shard", "run_engines"]
-    trees = {s: {n.name: ast.get_source_segment(source(s), n) for n in ast.parse(source(s)).body
-                 if isinstance(n, ast.FunctionDef)} for s in ("evaluate.py", "distill.py")}
-    for name in names:
-        assert trees["evaluate.py"].get(name) == trees["distill.py"].get(name) is not None, name
