@@ -137,52 +137,153 @@ def format_response(thinking: str, answer: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Answer extraction (linear time: responses can be 500 KB)
+# 2. Answer extraction (linear time: responses can be 500 KB). The order is in the module docstring.
 
-_ANSWER_LINE = re.compile(r"(?i:final\s+answer|answer)\s*\**\s*[:：]\s*([^\n]*)")
-_ANSWER_IS = re.compile(r"(?i:the\s+(?:final\s+|correct\s+)?answer\s+is)\s*:?\s*([^\n]*)")
-_LONE_LETTER = re.compile(r"[\s*_#>(\[]*([A-Z])[\s*_)\].:]*")
+STRICT_RULES = ("tag", "boxed", "cue", "label", "letter_line", "bare_line", "option_text")
+LENIENT_RULES = ("paren_letter", "trailing_letter", "last_math", "last_number")  # only with lenient=True
+_TAG_OPEN, _TAG_CLOSE = re.compile(r"<answer>", re.I), re.compile(r"</answer>", re.I)
+# A chat turn the model went on to write (a leaked "<|im_start|>user"): the response ends there.
+_LEAK = re.compile(r"<\|(?:im_start|im_end|endoftext|end_of_text|eot_id|start_header_id|user|assistant)\|>")
+# Answer cues, last one wins. Math and letters: "Answer: X", "Final Answer\nX", "the answer is X", "answer> X".
+_CUE = re.compile(r"(?i:\b(?:final\s+answer|answer)\s*(?:\*\*|__)?\s*[:：]|\bfinal\s+answer\s*(?:\*\*|__)?\s*\n"
+                  r"|\b(?:the\s+|my\s+)?(?:final\s+|correct\s+|right\s+|best\s+)?answer\s+(?:is|would\s+be|should\s+be)"
+                  r"(?:\s*[:：])?|(?<![\w<])answer>)")
+# Letters only: selection phrases ("I choose B", "The best option is B)") and CJK answer markers.
+_CHOICE_CUE = re.compile(r"(?i:\bI\s+(?:choose|pick|select|(?:would|will|'d|'ll)\s+(?:choose|pick|select|go\s+with))\b"
+                         r"|\b(?:the\s+)?(?:final\s+|correct\s+|right\s+|best\s+)?(?:option|choice)\s+(?:is|would\s+be)"
+                         r"(?:\s*[:：])?)|答案是|答案为|答案[:：]|选|옵션|정답은|답은|답\s*[:：]|答えは")
+# Letter first: "Option B is correct", "b is correct", "A because ..." (a line start for the bare letter).
+_LETTER_CLAIM = re.compile(r"(?i:\b(?:option|choice)\s+\(?([a-z])\)?\s+is\s+(?:the\s+)?(?:correct|right|best|answer)\b"
+                           r"|(?:^|\n)[ \t*_]*\(?([a-z])\)?[ \t*_]+(?:is\s+(?:the\s+)?(?:correct|right|answer)\b"
+                           r"|seems\s+(?:correct|right)\b|because\b))")
+_OPEN_WRAP = "*_`'\"“‘(（[ \t\n"
+_CLOSE_WRAP = "*_`'\"”’)）]"
+# A letter token must not be part of a word, identifier, number, URL or e-mail (ASCII or any script).
+_TOKEN_AFTER = re.compile(r"[^\W_]|[_@/\-]\w|\.\w|[:.)]\w")
+_CJK_SUFFIX = ("입니다", "です")
+_ALTERNATIVE = re.compile(r"\s*(?:,|/|、|\bor\b|\band\b|或|和)\s*[*_`'\"(]*[A-Za-z](?![^\W_])", re.I)
+_NEGATION = re.compile(r"(?i:\bnot\b|n't\b|\bnever\b|\bno\b|\bneither\b|\bnor\b|\bexcept\b|\brather\s+than\b)")
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\d+/\d+|\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:[.,]\d+)?|\.\d+)(?!\d|[.,/]\d)")
+_MATH_SPAN = re.compile(r"\\\[(.{1,2000}?)\\\]|\$\$(.{1,2000}?)\$\$|\\\((.{1,2000}?)\\\)|(?<![\\$])\$((?:[^$\\]|\\.){1,2000}?)\$", re.S)
+_HOPE = re.compile(r"\s*I hope it is correct\.?\s*$", re.I)
 
 
-def _last_boxed(text: str):
-    """Content of the last \\boxed{...} / \\fbox{...} (balanced braces), or `\\boxed 5`; None if none."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
+def _region(text):
+    """(the part of a response that can hold its answer, cut while thinking?): everything up to the last
+    </think> and from a leaked chat turn on is dropped."""
+    if not isinstance(text, str) or not text.strip():
+        return None, False
+    cut = text.rfind(THINK_END)
+    unclosed = cut < 0 and THINK_START in text
+    if cut >= 0:
+        text = text[cut + len(THINK_END):]
+    leak = _LEAK.search(text)
+    return (text[:leak.start()] if leak else text), unclosed
+
+
+def _last_tag(text):
+    """(content, where) of the last complete <answer>...</answer> (any case; `where` is its end), or of an
+    <answer> cut by the length cap (the rest of the text; `where` is where it opens); None if no tag.
+    A nested tag or a closing tag never opened is malformed: ("", where)."""
+    closes = list(_TAG_CLOSE.finditer(text))
+    opens = list(_TAG_OPEN.finditer(text))
+    if closes:
+        end = closes[-1].start()
+        before = [m for m in opens if m.end() <= end]
+        if not before:
+            return "", closes[-1].end()  # "The answer is B.</answer>": a stray closing tag
+        if len(before) > 1 and before[-2].end() > (closes[-2].end() if len(closes) > 1 else -1):
+            return "", closes[-1].end()  # <answer><answer>A</answer>B</answer>: nested
+        if len(closes) > 1 and closes[-2].start() > before[-1].end():
+            return "", closes[-1].end()  # <answer><answer>B</answer></answer>
+        return text[before[-1].end():end], closes[-1].end()
+    if opens:
+        tail = text[opens[-1].end():]
+        return ("" if re.search(r"</\w+>", tail[:2000]) else tail), opens[-1].start()  # <answer>B</wrong>
+    return None
+
+
+def _box_end(text, i):
+    """Index of the brace closing the one at text[i] (balanced), or -1."""
+    depth = 0
+    for j in range(i, len(text)):
+        c = text[j]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return j
+    return -1
+
+
+def _box_at(text, start):
+    """(content, end) of the \\boxed / \\fbox starting at `start`, or (None, -1) when unbalanced."""
     i = start + (6 if text.startswith("\\boxed", start) else 5)
     n = len(text)
     while i < n and text[i] == " " and (i + 1 < n and text[i + 1] == "{"):
         i += 1
     if i < n and text[i] == "{":
-        depth = 0
-        for j in range(i, n):
-            c = text[j]
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i + 1:j].strip()
-        return None  # unbalanced: cut mid-answer
+        j = _box_end(text, i)
+        return (text[i + 1:j].strip(), j + 1) if j >= 0 else (None, -1)
     m = re.match(r"\s+([^\s$]+)", text[i:i + 200])  # \boxed 5
-    return m.group(1) if m else None
+    return (m.group(1), i + m.end()) if m else (None, -1)
+
+
+def _box_starts(text, before):
+    return max(text.rfind("\\boxed", 0, before), text.rfind("\\fbox", 0, before))
+
+
+_BOX_JOIN = re.compile(r"(?:[\s,;$&]|\\[,;:! ]|\\q?quad|\\[()\[\]]|\\text\{[^{}$]{0,40}\}|\band\b)*")
+
+
+def _last_boxed(text):
+    """Content of the last \\boxed{...} / \\fbox{...} (balanced braces), or `\\boxed 5`; None if none or cut.
+    Boxes that end a response one after another ("\\boxed{1}, \\boxed{2} and \\boxed{3}") are one answer,
+    "1, 2, 3", as Math-Verify reads them; a box inside another box is malformed (None)."""
+    start = _box_starts(text, len(text))
+    if start < 0:
+        return None
+    content, end = _box_at(text, start)
+    if content is None:
+        return None
+    prev = _box_starts(text, start)
+    if prev >= 0:
+        _, pend = _box_at(text, prev)
+        if pend > start:  # \boxed{B \boxed{C}}
+            return None
+    parts = [content]
+    while prev >= 0 and len(parts) < 20:
+        c, pend = _box_at(text, prev)
+        gap = _BOX_JOIN.sub("", text[pend:start])
+        if c is None or pend < 0 or len(gap) > 12 or "." in gap or re.search(r"[A-Za-z]{2,}", gap):
+            break  # "\\boxed{1} ... \\boxed{2}": a later answer, not a list
+        parts.append(c)
+        start, prev = prev, _box_starts(text, prev)
+    return ", ".join(reversed(parts)) if len(parts) > 1 else content
 
 
 def _clean(ans: str) -> str:
-    """Strip what wraps an answer but is not part of it: $..$, \\(..\\), **bold**, a final period."""
+    """Strip what wraps an answer but is not part of it: $..$, \\(..\\), \\[..\\], **bold**, quotes, \\text{},
+    a final period."""
     s = ans.strip()
-    for _ in range(4):
+    for _ in range(6):
         old = s
         s = s.strip().strip("*_`").strip()
-        if len(s) >= 2 and s[0] == "$" and s[-1] == "$":
+        if len(s) >= 2 and s[0] == "$" and s[-1] == "$" and "$" not in s.strip("$"):
             s = s.strip("$")
         if s.startswith("\\(") and s.endswith("\\)") or s.startswith("\\[") and s.endswith("\\]"):
             s = s[2:-2]
+        m = re.fullmatch(r"\\(?:text|textbf|mathrm|mathbf|textit)\{([^{}]*)\}", s)
+        if m:
+            s = m.group(1)
+        if len(s) >= 2 and s[0] + s[-1] in ("''", '""', "“”", "‘’"):
+            s = s[1:-1]
         if s.endswith(".") and not s.endswith(".."):  # "204." -> "204" (a number never ends in ".")
             s = s[:-1]
         if s == old:
             break
-    m = re.fullmatch(r"\(([A-Za-z])\)", s)  # "(C)" -> "C" (single letters only: keep "(1,2)")
+    m = re.fullmatch(r"[(（]([A-Za-z])[)）]", s)  # "(C)" -> "C" (single letters only: keep "(1,2)")
     return m.group(1) if m else s
 
 
@@ -192,68 +293,126 @@ def _sentence(s: str) -> str:
     return s[:m.start()] if m else s
 
 
-def _from_region(text: str):
-    """Fallback order inside a region (after the thinking, or inside a long <answer>)."""
+def _number_text(s: str) -> str:
+    """Separators a number is written with: 7,425,000 / 1 000 / 16,\\!386 -> 7425000 / 1000 / 16386;
+    2,74 / 0,111 -> 2.74 / 0.111 (a decimal comma: two digits after it, or a leading 0); \\$5 -> 5."""
+    t = re.sub(r"\\[!,]", "", s.strip()).replace("\\$", "").strip("$€£ ")
+    if re.fullmatch(r"-?\d+,\d\d|-?0,\d+", t):
+        return t.replace(",", ".")
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", t) or re.fullmatch(r"-?\d{1,3}(?: \d{3})+(?:\.\d+)?", t):
+        return t.replace(",", "").replace(" ", "")
+    return t if re.fullmatch(r"-?\d+(?:\.\d+)?", t) else s
+
+
+def _last_cue(text, cue=_CUE):
+    last = None
+    for last in cue.finditer(text):
+        pass
+    return last
+
+
+def _math_in(s: str, lenient: bool):
+    """A sentence after an answer cue ("The largest $n$ is 34") -> its last number or formula (lenient)."""
+    prose = re.findall(r"[A-Za-z]{3,}", re.sub(r"\\[A-Za-z]+|\$[^$]*\$", "", s))
+    if not lenient or len(s.split()) < 3 or len(prose) < 2:
+        return s
+    found = _last_math_or_number(s)
+    return found[0] if found else s
+
+
+def _last_math_or_number(text):
+    """(answer, rule) for the last formula ($..$, $$..$$, \\(..\\), \\[..\\]) or number in prose, whichever
+    comes later; None if neither."""
+    tail = text[-20_000:]
+    math = None
+    for math in _MATH_SPAN.finditer(tail):
+        pass
+    num = None
+    for num in _NUMBER.finditer(tail):
+        pass
+    if math is not None and (num is None or math.end() >= num.end() or num.start() >= math.start() and num.end() <= math.end()):
+        body = next(g for g in math.groups() if g is not None).strip()
+        if body:
+            return body, "last_math"
+    if num is not None:
+        return num.group(0), "last_number"
+    return None
+
+
+def _cue_answer(text, m):
+    """The answer after cue match m: the rest of its line (or the next line after "Answer:\n"), without a
+    second cue ("Final Answer: The final answer is 7.78."), the Minerva sign-off or a trailing sentence."""
+    rest = text[m.end():].lstrip(" \t*_:")
+    if rest.startswith("\n"):  # "Final Answer\n\n7" / "Answer:\n C"
+        rest = rest.lstrip()
+    line = _HOPE.sub("", rest.split("\n", 1)[0].strip())
+    inner = _last_cue(line)
+    if inner is not None:
+        line = line[inner.end():].strip()
+    return _sentence(line.strip().strip("*").strip())
+
+
+def _from_region(text, lenient=False):
+    """(answer, rule) inside a region (after the thinking, or inside a long <answer>), or (None, None).
+    A box and an answer cue: the later one, so "\\boxed{200} ... Final Answer: 10,455" is 10,455 (a cue
+    after the box must name something, not "the answer is correct")."""
     boxed = _last_boxed(text)
+    m = _last_cue(text)
+    if m is not None:
+        line = _cue_answer(text, m)
+        box_at = _box_starts(text, len(text))
+        named = re.search(r"[\d\\$]", line) or re.fullmatch(r"[*_(]*[A-Za-z][*_).]*", line)
+        if line and (boxed is None or (m.start() > box_at and "\\boxed" not in line and named)):
+            return _math_in(line, lenient), "cue"
     if boxed is not None:
-        return boxed
-    hits = list(_ANSWER_LINE.finditer(text))
-    if hits:
-        return _sentence(hits[-1].group(1).strip().strip("*").strip())
-    hits = list(_ANSWER_IS.finditer(text))
-    if hits:
-        return _sentence(hits[-1].group(1))
+        return boxed, "boxed"
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     if lines:
         m = _LONE_LETTER.fullmatch(lines[-1])
         if m:
-            return m.group(1)
+            return m.group(1), "letter_line"
         if len(lines) == 1 and len(lines[0]) <= 40 and len(lines[0].split()) <= 4:  # "</think>\n\n42"
-            return lines[0]
-    return None
+            return lines[0], "bare_line"
+    if lenient:
+        found = _last_math_or_number(text)
+        if found:
+            return found
+    return None, None
 
 
-def extract_answer(text) -> str | None:
-    """The model's final answer, or None. Everything up to the last </think> is ignored; an unclosed
-    <think> (a response cut while thinking) only yields an answer from a complete <answer> tag.
-    Order: last complete <answer>...</answer> (if it contains \\boxed{}, the boxed content), last
-    \\boxed{}/\\fbox{}, "Answer: X", "the answer is X", a lone capital letter on the last line, a bare
-    one-line answer."""
-    if not isinstance(text, str) or not text:
-        return None
-    cut = text.rfind(THINK_END)
-    if cut >= 0:
-        text = text[cut + len(THINK_END):]
-        unclosed = False
-    else:
-        unclosed = THINK_START in text
-    end = text.rfind(ANSWER_END)
-    start = text.rfind(ANSWER_START, 0, end) if end >= 0 else -1
-    if start >= 0:
-        inner = text[start + len(ANSWER_START):end]
-    elif unclosed:
-        return None
-    else:
-        tail = text.rfind(ANSWER_START)  # an <answer> cut by the length cap
-        inner = text[tail + len(ANSWER_START):] if tail >= 0 else None
-    if inner is not None:
-        found = _from_region(inner)  # "<answer>Answer: 5</answer>", a written solution ending in \boxed{}
-        if found is not None:
-            inner = found
-        out = _clean(inner)
-        return out or None
-    found = _from_region(text)
+_LONE_LETTER = re.compile(r"[\s*_#>(\[]*([A-Z])[\s*_)\].:]*")
+
+
+def extract(text, lenient: bool = False):
+    """(answer, rule): the model's final answer and the rule that found it (see the order at the top), or
+    (None, None). lenient=False is what training rewards (the taught format and answer cues); True adds the
+    harnesses' fallbacks for unformatted responses (last formula / number)."""
+    region, unclosed = _region(text)
+    if region is None:
+        return None, None
+    tag = _last_tag(region)
+    if tag is not None:
+        inner = tag[0]
+        found, _ = _from_region(inner)  # "<answer>Answer: 5</answer>", a written solution ending in \boxed{}
+        out = _clean(found if found is not None else inner)
+        return (_number_text(out), "tag") if out else (None, None)
+    if unclosed:
+        return None, None
+    found, rule = _from_region(region, lenient)
     if found is None:
-        return None
-    return _clean(found) or None
+        return None, None
+    out = _clean(found)
+    return (_number_text(out), rule) if out else (None, None)
+
+
+def extract_answer(text, lenient: bool = False) -> str | None:
+    """The model's final answer, or None. Everything up to the last </think> is ignored; an unclosed
+    <think> (a response cut while thinking) only yields an answer from a complete <answer> tag."""
+    return extract(text, lenient)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
 # 3. Multiple choice
-
-_LETTER_PREFIX = re.compile(r"\(?([A-Z])\)?\s*[:.)\]]\s*(.*)", re.S)  # "C: nucleus", "(C) x", "C. x"
-_PAREN_LETTER = re.compile(r"\(([A-Z])\)\s+(.*)", re.S)
-_WORD_LETTER = re.compile(r"(?i:answer|option|choice)\s*(?i:is)?\s*:?\s*(?i:option\s*)?\(?([A-Z])\)?(?![\w])")
 
 
 def _norm_text(s: str) -> str:
@@ -262,46 +421,200 @@ def _norm_text(s: str) -> str:
     return s.strip(" .,:;!?'\"()[]{}")
 
 
+def _letter_at(s: str, opts):
+    """The option letter written at the start of s ("B", "**b**", "(C)", "c)", "`d`", "B입니다"), "" for a
+    hedge between letters ("A or B", "C/D", "A, B") or a letter not among the options, None for no letter."""
+    i, n = 0, min(len(s), 200)
+    while i < n and s[i] in _OPEN_WRAP:
+        i += 1
+    if i >= n or not ("A" <= s[i].upper() <= "Z") or not s[i].isascii():
+        return None
+    rest = s[i + 1:i + 60]
+    if any(rest.startswith(x) for x in _CJK_SUFFIX):
+        rest = ""
+    elif _TOKEN_AFTER.match(rest):
+        return None  # a word: "dog", "DNA", "B2", "field_B", "b.example.org"
+    letter = s[i]
+    if letter.islower() and re.match(r" +(?!because\b|is\b|since\b|as\b)[a-z]{2,}", rest) and letter in "ai":
+        return None  # "a dog", "i think": the article / pronoun
+    j = 0
+    while j < len(rest) and rest[j] in _CLOSE_WRAP:
+        j += 1
+    if _ALTERNATIVE.match(rest[j:]):
+        return ""  # a hedge between options is no answer
+    letter = letter.upper()
+    return letter if letter in opts else ""
+
+
+def _exact_option(s: str, opts):
+    key = _norm_text(s)
+    hits = [k for k, v in opts.items() if _norm_text(v) and _norm_text(v) == key] if key else []
+    return hits[0] if len(hits) == 1 else None
+
+
+def _choice_from_cue(text, opts):
+    """(letter / "" / None, rule) from the last answer cue or letter claim in text. "" = a cue that names no
+    option (no answer, no fallback to an earlier one); None = no cue at all."""
+    cues = [m for m in (_last_cue(text), _last_cue(text, _CHOICE_CUE)) if m is not None]
+    claim = _last_cue(text, _LETTER_CLAIM)
+    if claim is not None and (not cues or claim.start() > max(m.start() for m in cues)):
+        letter = (claim.group(1) or claim.group(2)).upper()
+        return (letter if letter in opts else ""), "cue"
+    if not cues:
+        return None, None
+    m = max(cues, key=lambda m: m.end())
+    after = text[m.end():]
+    stripped = after.lstrip(" \t*_:：\u00a0\u3000")
+    if stripped.startswith("\n"):
+        stripped = stripped.lstrip()
+    line = stripped.split("\n", 1)[0]
+    if _exact_option(_sentence(line), opts):
+        return _exact_option(_sentence(line), opts), "cue"
+    letter = _letter_at(line, opts)
+    if letter is None:
+        inner = re.match(r"(?i:option|choice)\s+", line)  # "The answer is option C"
+        letter = _letter_at(line[inner.end():], opts) if inner else None
+    if letter is None:  # "The answer is the nucleus." / "Answer: dog" / "Final answer: I cannot tell."
+        letter = _exact_option(_sentence(line), opts) or _option_in(_sentence(line), opts) or ""
+        if not letter:  # a later line may still hold the answer ("the answer is clear ...\n(C)")
+            later = stripped.split("\n", 1)[1] if "\n" in stripped else ""
+            if later.strip():
+                got, rule = _implicit_choice(later, opts, lenient=False)
+                if got:
+                    return got, rule
+    return letter, "cue"
+
+
+_LABEL = re.compile(r"[ \t*_#>]*[(（\[]?([A-Za-z])(?:[)）\]][ \t*_]*[.:]?|[.:][ \t*_]*)(?:\s|$)")
+
+
+def _option_in(line, opts):
+    """The one option whose text the line mentions (not negated: "not yellow"), or None."""
+    norm = _norm_text(line)
+    found = []
+    for k, v in opts.items():
+        t = _norm_text(v)
+        if len(t) >= 2:
+            for hit in re.finditer(r"(?<!\w)" + re.escape(t) + r"(?!\w)", norm):
+                if not _NEGATION.search(norm[max(0, hit.start() - 40):hit.start()]):
+                    found.append(k)
+                    break
+    return found[0] if len(found) == 1 else None
+
+
+def _implicit_choice(text, opts, lenient, texts=True):
+    """(letter or None, rule) from a response without a container or cue: a lone letter, one option label
+    (or the same label repeated), an option's text on the last line; lenient: one (X) or a trailing ", X."."""
+    s = text.strip()
+    if not s:
+        return None, None
+    if re.fullmatch(r"_+[A-Za-z]|[A-Za-z]_+", s):
+        return None, None  # "_B": an identifier, not emphasis
+    whole = _clean(s)
+    if re.fullmatch(r"[A-Za-z]", whole):
+        return (whole.upper() if whole.upper() in opts else None), "letter_line"
+    lines = [ln.strip() for ln in s.splitlines() if ln.strip()]
+    last = lines[-1]
+    exact = _exact_option(last, opts)
+    if exact:
+        return exact, "option_text"
+    labels = []
+    for ln in lines:
+        m = _LABEL.match(ln) or (re.fullmatch(r"[*_`'\"(]*([A-Z])[*_`'\")]*[.:]?", ln))
+        if m and _exact_option(ln, opts) is None:
+            labels.append(m.group(1).upper())
+    if len(set(labels)) > 1:
+        return None, None  # an echoed option list, or two answers
+    if labels:
+        m = _LABEL.match(last) or re.fullmatch(r"[*_`'\"(]*([A-Z])[*_`'\")]*[.:]?", last)
+        first = _LABEL.match(lines[0])
+        if m or (len(lines) == 1 and first):
+            letter = labels[0]
+            if _letter_at((last if m else lines[0]).strip(" \t*_#>"), opts) == "":
+                return None, None
+            return (letter if letter in opts else None), "label"
+    if lenient:
+        parens = set(re.findall(r"(?<![\w/])[(（]([A-Za-z])[)）](?!\w)", last))
+        if len(parens) == 1 and not _ALTERNATIVE.search(last):
+            letter = parens.pop().upper()
+            return (letter if letter in opts else None), "paren_letter"
+        m = re.search(r"[,;]\s*([A-Z])\.?\s*$", last)
+        if m and len(set(re.findall(r"(?<![^\W_])[A-Z](?![^\W_])", last))) == 1:  # not "Options A, B, C, D"
+            return (m.group(1) if m.group(1) in opts else None), "trailing_letter"
+    if not texts or (len(lines) == 1 and len(last) <= 40 and len(last.split()) <= 4):
+        return None, None  # a short one-line answer is read whole (above): "A ribosome ..." names no option
+    found = _option_in(last, opts)
+    return (found, "option_text") if found else (None, None)
+
+
+def _choice_in_answer(s, opts):
+    """The letter an extracted answer (a tag's or a box's content) names, or None."""
+    s = str(s)[:2000]
+    if "\\boxed" in s or "\\fbox" in s:
+        s = _last_boxed(s) or ""
+    s = _clean(s)
+    if not s:
+        return None
+    exact = _exact_option(s, opts)  # before any label reading: "U.S. involvement ...", "N:M", "Y: $9120"
+    if exact:
+        return exact
+    letter, _ = _choice_from_cue(s, opts)
+    if letter is not None:
+        return letter or None
+    s2 = re.sub(r"^(?i:option|choice)\s+", "", s)
+    letter = _letter_at(s2, opts)
+    if letter == "":
+        return None
+    if letter is not None:
+        lines = [ln for ln in s2.splitlines() if ln.strip()]
+        if len(lines) > 1 and len({_letter_at(ln, opts) for ln in lines} - {None}) > 1:
+            return None  # "<answer>B\nD</answer>"
+        m = re.match(r"[*_`'\"(（\[]*[A-Za-z][*_`'\")）\]]*([.:)\]]?)\s*(.*)", s2, re.S)
+        if m and s2[0] in "aA" and not m.group(1) and m.group(2) and not s2.startswith("(") \
+                and re.match(r"[a-z]", m.group(2)) and not re.match(r"(?:because|is|since|as)\b", m.group(2)):
+            return None  # "A ribosome synthesizes proteins.": the article
+        if m and not m.group(1) and m.group(2) and re.match(r"[A-Za-z]", s2.lstrip(_OPEN_WRAP)) \
+                and s2.lstrip(_OPEN_WRAP)[1:2] == " " and re.match(r"[a-z]", m.group(2)) \
+                and not re.match(r"(?:because|is|since|as)\b", m.group(2)):
+            return None  # "B was rejected": a letter in prose, not a label
+        return letter
+    got, _ = _implicit_choice(s, opts, lenient=False, texts=False)  # inside a tag: the option's text exactly
+    return got
+
+
 def match_choice(answer, options) -> str | None:
-    """The option letter an extracted answer names, or None. Letters must exist among the options."""
+    """The option letter an extracted answer names, or None. Letters must exist among the options; an
+    answer equal to an option's text is that option, even when the text starts like a label ("N:M")."""
     opts = normalize_options(options)
     if answer is None or not opts:
         return None
-    s = _clean(str(answer))[:2000]
-    s = re.sub(r"^(?i:(?:final\s+)?answer\s*[:：]?|option|choice)\s*", "", s).strip().strip("*").strip()
-    s = _clean(s)
-    letter = None
-    if re.fullmatch(r"[A-Za-z]", s):
-        letter = s.upper()
-    else:
-        m = _LETTER_PREFIX.fullmatch(s) or _PAREN_LETTER.fullmatch(s)
-        if m:
-            letter = m.group(1)
-        else:
-            matches = [k for k, v in opts.items() if _norm_text(v) and _norm_text(v) == _norm_text(s)]
-            if len(matches) == 1:
-                return matches[0]
-            hits = list(_WORD_LETTER.finditer(s))
-            if hits:
-                letter = hits[-1].group(1)
-    return letter if letter in opts else None
+    return _choice_in_answer(answer, opts)
 
 
-def extract_choice(text, options) -> str | None:
-    """The option letter a full response picks, or None (never a guess). Only when no answer can be
-    extracted at all: the one option whose text appears on the last line."""
+def extract_choice_rule(text, options, lenient: bool = False):
+    """(letter, rule) a full response picks, or (None, rule or None): never a guess. See the order above."""
     opts = normalize_options(options)
-    answer = extract_answer(text)
-    if answer is not None or not isinstance(text, str):
-        return match_choice(answer, opts)
-    tail = text[text.rfind(THINK_END) + len(THINK_END):] if THINK_END in text else text
-    lines = [ln for ln in tail.strip().splitlines() if ln.strip()]
-    if not lines or (THINK_START in tail and THINK_END not in text):
-        return None
-    last = _norm_text(lines[-1])
-    found = [k for k, v in opts.items() if len(_norm_text(v)) >= 2
-             and re.search(r"(?<!\w)" + re.escape(_norm_text(v)) + r"(?!\w)", last)]
-    return found[0] if len(found) == 1 else None
+    region, unclosed = _region(text)
+    if region is None or not opts:
+        return None, None
+    tag = _last_tag(region)
+    box_start = _box_starts(region, len(region))
+    if tag is not None and box_start < tag[1]:  # the later container wins; a box inside the tag is the tag's
+        return _choice_in_answer(tag[0], opts), "tag"
+    if unclosed:
+        return None, None
+    if box_start >= 0:
+        boxed = _last_boxed(region)
+        return (_choice_in_answer(boxed, opts) if boxed is not None else None), "boxed"
+    letter, rule = _choice_from_cue(region, opts)
+    if letter is not None:
+        return letter or None, rule
+    return _implicit_choice(region, opts, lenient)
+
+
+def extract_choice(text, options, lenient: bool = False) -> str | None:
+    """The option letter a full response picks, or None (never a guess)."""
+    return extract_choice_rule(text, options, lenient)[0]
 
 
 def _gold_letter(gold, opts) -> str | None:
@@ -319,8 +632,12 @@ def _clean_gold(gold) -> str:
     g = "" if gold is None else str(gold)
     if "####" in g:  # GSM8K's solution field
         g = g.rsplit("####", 1)[1]
+    if g.count("\\boxed") > 1 or len(re.findall(r"(?<!\\)\$+", g)) > 2:
+        return g.strip()  # several answers ("\\boxed{1} and \\boxed{2}", "$1$ and $2$"): Math-Verify reads them
     boxed = _last_boxed(g) if ("\\boxed" in g or "\\fbox" in g) else None
-    return _clean(boxed if boxed is not None else g)
+    if boxed is None and ("\\boxed" in g or "\\fbox" in g):
+        return g.strip()  # an unbalanced box: Math-Verify's own reading
+    return _number_text(_clean(boxed if boxed is not None else g))
 
 
 def _fast_math(gold: str, pred: str | None):
@@ -333,6 +650,8 @@ def _fast_math(gold: str, pred: str | None):
         if len(gold) > 3 or " " in gold or gold.lower() in ("no", "yes"):
             return 0.0
         # "xy", "ab": too short to be sure it is a word and not a product of variables: ask Math-Verify
+    if pred is not None and re.search(r"\d,\s+\d", pred) and "," not in gold:
+        return "slow"  # "32, 349" is a list to Math-Verify, not 32349
     g = number(gold)
     if pred is None:
         tp = tuple_parts(gold) if simple(gold) else None
@@ -556,10 +875,13 @@ def math_equal_batch(golds: list, preds: list) -> list:
 # ----------------------------------------------------------------------------------------------------
 # 5. Rewards
 
-def accuracy_reward(completions: list, golds: list, options: list | None = None) -> list:
+def accuracy_reward(completions: list, golds: list, options: list | None = None, lenient: bool = False) -> list:
     """1.0 / 0.0 per completion; None where the gold cannot be parsed (skip and count it, never 1).
     options[i]: None for math / free-form items, else the options (list, dict or stringified list);
-    the gold is then a letter (or an option's text, as in MathVista / OmniMedVQA)."""
+    the gold is then a letter (or an option's text, as in MathVista / OmniMedVQA).
+    lenient=False (training, the paper's reward): answers come from the taught format and answer cues only;
+    lenient=True (evaluation, what the harnesses do): also the last formula / number of an unformatted
+    response, one "(X)" or a trailing ", X." on the last line."""
     if len(completions) != len(golds) or (options is not None and len(options) != len(golds)):
         raise ValueError(f"accuracy_reward: {len(completions)} completions, {len(golds)} golds, "
                          f"{'no' if options is None else len(options)} options: lengths must match")
@@ -570,11 +892,11 @@ def accuracy_reward(completions: list, golds: list, options: list | None = None)
         if opts is not None:
             opts = normalize_options(opts)
             g = _gold_letter(gold, opts) if gold is not None else None
-            out[i] = None if g is None else float(extract_choice(text, opts) == g)
+            out[i] = None if g is None else float(extract_choice(text, opts, lenient) == g)
         else:
             math_idx.append(i)
     if math_idx:
-        preds = [extract_answer(completions[i]) for i in math_idx]
+        preds = [extract_answer(completions[i], lenient) for i in math_idx]
         for i, r in zip(math_idx, math_equal_batch([golds[i] for i in math_idx], preds)):
             out[i] = r
     return out
