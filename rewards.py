@@ -8,10 +8,36 @@ One rule, one place: SFT teaches the format that RL rewards and evaluation parse
     accuracy_reward([text], ["85"])                                # [1.0]
     accuracy_reward(["<answer>C: nucleus</answer>"], ["C"], [["ribosome", "wall", "nucleus"]])  # [1.0]
 
-Scoring (`accuracy_reward`), per item:
+Extraction (`extract` / `extract_choice_rule` return the answer and the rule that found it), in this order:
+ 0. Cut: everything up to the last </think> (a response cut while thinking has only a complete <answer>);
+    everything from a leaked chat turn on (`<|im_start|>user`, `<|eot_id|>`, ...).
+ 1. tag      the last <answer>...</answer> (any case; a box or an answer cue inside it is read). A nested or
+             never-opened tag is malformed: no answer.
+ 2. boxed    the last \\boxed{} / \\fbox{} (boxes that end the response one after another, joined only by
+             "and", commas or \\quad, are one answer "1, 2"; a box inside a box is malformed),
+    cue      or the last answer cue, whichever comes later: "Answer: X", "Final Answer\\nX", "the (final /
+             correct) answer is X", Minerva's "Final Answer: The final answer is X. I hope it is correct.";
+             for letters also "I choose / pick / select X", "the best option is X)", "Option X is correct",
+             "X is correct", "X because ...", CJK markers (答案是 X). A cue after a box wins only if it names
+             something (not "the answer is correct"). The last cue decides: an earlier one never comes back.
+ 3. letters  a lone letter ("b.", "(b)", "d:", "**C**", "'B'"), one option label on the last line
+             ("(D) Four wheels are visible.", the same label repeated is fine), an option's text on the last
+             line, not negated. Strings: a lone capital on the last line, or a one-line answer of <= 4 words.
+ 4. lenient only (evaluation; `lenient=True`): one marked letter on the last line ("(C)", "**C**",
+    "\\textbf{C}"), a trailing ", C." / "; D"; for math the last formula ($..$, $$..$$, \\(..\\), \\[..\\]) or
+    number (7,425,000 / 2,74 / 2/3) in the response, whichever is later, and inside a cue that is a sentence
+    ("Final Answer: The largest $n$ is 34.") its last number or formula, as the math harnesses do.
+Never a guess: a hedge between options ("(A) or (D)", "A/B", "Answer: B and C"), an echoed option list, a
+negated mention ("not yellow"), a letter inside a word, acronym, identifier or URL, "A" as an article, or a
+letter that is not an option is no answer. Option text equal to an option's text is that option, even when
+it starts like a label ("U.S. involvement ...", "Y: $9120 yearly", "N:M"). Numbers: thousands separators and a
+decimal comma (two digits after it, or a leading 0) are read as numbers.
+
+Scoring (`accuracy_reward(completions, golds, options=None, lenient=False)`), per item:
+- lenient=False (training: the paper's reward, equivalence of the extracted answer, no format reward) uses
+  rules 0-3: an unformatted response's last number earns nothing. lenient=True (evaluate.py) adds rule 4.
 - multiple choice (`options[i]` given, gold a letter or an option's text): the predicted letter must be
-  one of the options; an option's text counts as its letter; "A" as an English article is not option A;
-  no answer -> 0.0 (never a random letter).
+  one of the options; no answer -> 0.0 (never a random letter).
 - free-form words (gold like "yes", "Evelyn"): normalised string match.
 - math: Math-Verify's verdict (`verify(gold, pred)`, gold first: it is asymmetric). Easy cases are decided
   without sympy (mathcheck.py), following its rules: numbers and fractions exactly, expressions built
@@ -19,6 +45,7 @@ Scoring (`accuracy_reward`), per item:
   tuples element by element. The rest go to worker processes with a hard per-item timeout (Math-Verify's
   own timeout uses `signal.alarm`, which cannot interrupt C code and only works on the main thread, so it
   is switched off and a stuck worker is killed instead). Results are cached: RL repeats each gold n times.
+  A gold with several answers ("\\boxed{1} and \\boxed{2}", "$1$ and $2$") is read by Math-Verify as a set.
 - a gold that cannot be parsed -> None (skip the item and count it), never 1.0.
 
 Model output is untrusted: nothing here evaluates it as code (no eval, no sympy.sympify/parse_expr;
@@ -140,7 +167,7 @@ def format_response(thinking: str, answer: str) -> str:
 # 2. Answer extraction (linear time: responses can be 500 KB). The order is in the module docstring.
 
 STRICT_RULES = ("tag", "boxed", "cue", "label", "letter_line", "bare_line", "option_text")
-LENIENT_RULES = ("paren_letter", "trailing_letter", "last_math", "last_number")  # only with lenient=True
+LENIENT_RULES = ("marked_letter", "trailing_letter", "last_math", "last_number")  # only with lenient=True
 _TAG_OPEN, _TAG_CLOSE = re.compile(r"<answer>", re.I), re.compile(r"</answer>", re.I)
 # A chat turn the model went on to write (a leaked "<|im_start|>user"): the response ends there.
 _LEAK = re.compile(r"<\|(?:im_start|im_end|endoftext|end_of_text|eot_id|start_header_id|user|assistant)\|>")
@@ -467,7 +494,7 @@ def _choice_from_cue(text, opts):
     stripped = after.lstrip(" \t*_:：\u00a0\u3000")
     if stripped.startswith("\n"):
         stripped = stripped.lstrip()
-    line = stripped.split("\n", 1)[0]
+    line = re.sub(r"^[-•]\s+", "", stripped.split("\n", 1)[0])  # "**Answer:**\n- C"
     if _exact_option(_sentence(line), opts):
         return _exact_option(_sentence(line), opts), "cue"
     letter = _letter_at(line, opts)
@@ -533,11 +560,12 @@ def _implicit_choice(text, opts, lenient, texts=True):
             if _letter_at((last if m else lines[0]).strip(" \t*_#>"), opts) == "":
                 return None, None
             return (letter if letter in opts else None), "label"
-    if lenient:
-        parens = set(re.findall(r"(?<![\w/])[(（]([A-Za-z])[)）](?!\w)", last))
-        if len(parens) == 1 and not _ALTERNATIVE.search(last):
-            letter = parens.pop().upper()
-            return (letter if letter in opts else None), "paren_letter"
+    if lenient:  # one marked letter on the last line: "(C)", "**C**", "\\textbf{C}"
+        marked = set(re.findall(r"(?<![\w/])(?:[(（]([A-Za-z])[)）]|\*\*([A-Z])\*\*|\\text(?:bf)?\{([A-Z])\})(?!\w)", last))
+        marked = {x for m in marked for x in m if x}
+        if len(marked) == 1 and not _ALTERNATIVE.search(last):
+            letter = marked.pop().upper()
+            return (letter if letter in opts else None), "marked_letter"
         m = re.search(r"[,;]\s*([A-Z])\.?\s*$", last)
         if m and len(set(re.findall(r"(?<![^\W_])[A-Z](?![^\W_])", last))) == 1:  # not "Options A, B, C, D"
             return (m.group(1) if m.group(1) in opts else None), "trailing_letter"

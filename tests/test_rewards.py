@@ -403,3 +403,68 @@ def test_works_inside_a_daemonic_process():
     p.start()
     assert q.get(timeout=60) == [1.0]
     p.join(10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the extraction order (issue 14): the last answer, letters in LaTeX / quotes / markdown, cues, hedges
+
+COLORS = ["red", "blue", "green", "yellow"]
+
+
+@pytest.mark.parametrize("text,want,rule", [
+    ("Answer: C, because the nucleus holds DNA.", "C", "cue"), ("The answer is B. Wait, the answer is D.", "D", "cue"),
+    ("\\boxed{\\text{B}}", "B", "boxed"), ("So $\\text{Answer: C}$", "C", "cue"), ("My answer: 'B'", "B", "cue"),
+    ("**Answer:**\n- C", "C", "cue"), ("b.", "B", "letter_line"), ("(b)", "B", "letter_line"), ("d:", "D", "label"),
+    ("<ANSWER>C</ANSWER>", "C", "tag"), ("I choose B", "B", "cue"), ("Option A is correct", "A", "cue"),
+    ("The best option is B)", "B", "cue"), ("(D) Four wheels are visible.", "D", "label"),
+    ("The answer is: **(C) green**", "C", "cue"), ("<think>hm</think>The answer is C<|im_start|>user\nThe answer is A", "C", "cue"),
+    ("\\boxed{C}\nThe answer is correct.", "C", "boxed"),  # a cue after the box must name something
+    ("(A) or (D)", None, None), ("A. red\nB. blue\nC. green\nD. yellow", None, None),  # a hedge, an echoed list
+    ("the ball is not yellow", None, None), ("Answer: B and C", None, "cue"), ("The answer is A or B.", None, "cue"),
+    ("I choose plan B.", None, "cue"), ("Answer: Z. Then I pick B.", "B", "cue"), ("Answer: B\nFinal answer: E", None, "cue"),
+])
+def test_extract_choice_order(text, want, rule):
+    assert R.extract_choice_rule(text, COLORS) == (want, rule)
+
+
+@pytest.mark.parametrize("text,want,rule", [
+    ("Thus \\textbf{C}", "C", "marked_letter"), ("The visible count matches (C).", "C", "marked_letter"),
+    ("After checking the diagram, C.", "C", "trailing_letter"), ("Options A, B, C, D", None, None),
+])
+def test_extract_choice_lenient_only(text, want, rule):
+    assert R.extract_choice_rule(text, COLORS, lenient=True) == (want, rule)
+    assert R.extract_choice(text, COLORS) is None  # training reads the taught format and cues only
+
+
+@pytest.mark.parametrize("text,strict,lenient", [
+    ("Final Answer: The final answer is 7.78. I hope it is correct.", ("7.78", "cue"), ("7.78", "cue")),
+    ("Final Answer: The largest $n$ is 34.", ("The largest $n$ is 34", "cue"), ("34", "cue")),
+    ("so we get\n\\[ 9 \\]", (None, None), ("9", "last_math")), ("thus\n$$ 9 $$", (None, None), ("9", "last_math")),
+    ("The total is 7,425,000 dollars.", (None, None), ("7425000", "last_number")),
+    ("Solving it gives P(A) = 2/3. <|im_start|>user\nWhat is 1+1?", (None, None), ("2/3", "last_number")),
+    ("So the answer is 42<|im_start|>user\nwhat is 3?", ("42", "cue"), ("42", "cue")),
+    ("\\boxed{200} so far ... Final Answer: The final answer is $10,455$. I hope it is correct.",
+     ("10455", "cue"), ("10455", "cue")),  # the later answer
+    ("\\boxed{1}, \\boxed{2} and \\boxed{3}", ("1, 2, 3", "boxed"), ("1, 2, 3", "boxed")),  # one answer, as Math-Verify
+    ("Soucis : 2,74 $ a..", (None, None), ("2.74", "last_number")), ("\\$16,\\!386.20", ("16386.20", "bare_line"), ("16386.20", "bare_line")),
+])
+def test_extract_math_order(text, strict, lenient):
+    assert R.extract(text) == strict and R.extract(text, lenient=True) == lenient
+
+
+def test_lenient_is_evaluation_only():
+    """RL keeps the paper's reward: the last number of an unformatted response earns nothing unless lenient."""
+    text = "She has 16 eggs and eats 3, so she sells 13 for $26."
+    assert R.accuracy_reward([text], ["26"]) == [0.0]
+    assert R.accuracy_reward([text], ["26"], lenient=True) == [1.0]
+    assert R.accuracy_reward(["<think>cut while thinking, maybe 26"], ["26"], lenient=True) == [0.0]
+
+
+@pytest.mark.parametrize("answer,options,gold", [
+    ("U.S. involvement in the war", ["U.S. involvement in the war", "Isolation"], "A"),
+    ("Y: $9120 yearly", ["X: $100 monthly", "Y: $9120 yearly"], "B"), ("N:M", ["1:1", "1:N", "N:M"], "C"),
+])
+def test_option_text_that_looks_like_a_label_scores_one(answer, options, gold):
+    for text in (f"<answer>{answer}</answer>", f"Reasoning first.\n{answer}"):
+        assert R.accuracy_reward([text], [gold], [options], lenient=True) == [1.0]
+    assert R.accuracy_reward([f"<answer>{answer}</answer>"], [gold], [options]) == [1.0]
