@@ -177,6 +177,7 @@ _CUE = re.compile(r"(?i:\b(?:final\s+answer|answer)\s*(?:\*\*|__)?\s*[:：]|\bfi
                   r"(?:\s*[:：])?|(?<![\w<])answer>)")
 # Letters only: selection phrases ("I choose B", "The best option is B)") and CJK answer markers.
 _CHOICE_CUE = re.compile(r"(?i:\bI\s+(?:choose|pick|select|(?:would|will|'d|'ll)\s+(?:choose|pick|select|go\s+with))\b"
+                         r"|\bI\s+(?:think|believe)\s+(?:it'?s|it\s+is)\b"
                          r"|\b(?:the\s+)?(?:final\s+|correct\s+|right\s+|best\s+)?(?:option|choice)\s+(?:is|would\s+be)"
                          r"(?:\s*[:：])?)|答案是|答案为|答案[:：]|选|옵션|정답은|답은|답\s*[:：]|答えは")
 # Letter first: "Option B is correct", "b is correct", "A because ..." (a line start for the bare letter).
@@ -448,13 +449,17 @@ def _norm_text(s: str) -> str:
     return s.strip(" .,:;!?'\"()[]{}")
 
 
+_LATEX_OPEN = re.compile(r"(?:\s|\\[(\[]|\$|\}|\\(?:text|textbf|mathrm|mathbf|boxed)\s*\{|[*_`'\"“‘(（\[])*")
+_LATEX_CLOSE = re.compile(r"(?:\s|\\[)\]]|\$|\}|[*_`'\"”’)）\]])*")
+
+
 def _letter_at(s: str, opts):
-    """The option letter written at the start of s ("B", "**b**", "(C)", "c)", "`d`", "B입니다"), "" for a
-    hedge between letters ("A or B", "C/D", "A, B") or a letter not among the options, None for no letter."""
-    i, n = 0, min(len(s), 200)
-    while i < n and s[i] in _OPEN_WRAP:
-        i += 1
-    if i >= n or not ("A" <= s[i].upper() <= "Z") or not s[i].isascii():
+    """The option letter written at the start of s ("B", "**b**", "(C)", "c)", "`d`", "\\(E\\)", "$F$",
+    "\\text{I}", "B입니다"), "" for a hedge between letters ("A or B", "C/D", "A, B") or a letter not among the
+    options, None for no letter."""
+    s = s[:200]
+    i = _LATEX_OPEN.match(s).end()
+    if i >= len(s) or not ("A" <= s[i].upper() <= "Z") or not s[i].isascii():
         return None
     rest = s[i + 1:i + 60]
     if any(rest.startswith(x) for x in _CJK_SUFFIX):
@@ -464,9 +469,7 @@ def _letter_at(s: str, opts):
     letter = s[i]
     if letter.islower() and re.match(r" +(?!because\b|is\b|since\b|as\b)[a-z]{2,}", rest) and letter in "ai":
         return None  # "a dog", "i think": the article / pronoun
-    j = 0
-    while j < len(rest) and rest[j] in _CLOSE_WRAP:
-        j += 1
+    j = _LATEX_CLOSE.match(rest).end()
     if _ALTERNATIVE.match(rest[j:]):
         return ""  # a hedge between options is no answer
     letter = letter.upper()
@@ -474,7 +477,10 @@ def _letter_at(s: str, opts):
 
 
 def _exact_option(s: str, opts):
+    """The one option whose text is s (normalised); a lone letter is a letter, never an option's text."""
     key = _norm_text(s)
+    if re.fullmatch(r"[a-z]", key):
+        return None
     hits = [k for k, v in opts.items() if _norm_text(v) and _norm_text(v) == key] if key else []
     return hits[0] if len(hits) == 1 else None
 
@@ -632,6 +638,11 @@ def extract_choice_rule(text, options, lenient: bool = False):
     if unclosed:
         return None, None
     if box_start >= 0:
+        _, box_end = _box_at(region, box_start)
+        if box_end >= 0:  # "\\boxed{75.6 kip} ... Answer: H": a later cue that names an option wins
+            letter, rule = _choice_from_cue(region[box_end:], opts)
+            if letter:
+                return letter, rule
         boxed = _last_boxed(region)
         return (_choice_in_answer(boxed, opts) if boxed is not None else None), "boxed"
     letter, rule = _choice_from_cue(region, opts)

@@ -8,6 +8,11 @@ Corpora (tests/data/, one JSON object a line, each case naming its source):
   lowercase labels, markdown, CJK markers, and the benchmark attack fixtures of MMMU / MMMU-Pro / VideoMMMU /
   MMBench / SEED-Bench / AI2D parsers). "want": the letter, or null for no answer. Letters without option
   texts get "" as their text (the contract gives none).
+  Also lighteval's letter-extraction cases (tests/unit/metrics/test_extractive_match.py::test_extraction_abc).
+- mmmu_pro_cot_cases.jsonl: real chain-of-thought answers of GPT-4o on MMMU-Pro (standard, 10 options), as
+  published with MMMU-Pro's evaluation code, with the letter its official parser read (the last 1,500
+  characters of each response: the same verdict as the whole). The 8 responses of all 1,730 where this
+  project reads another letter are here, each with its reason; 92 more are a random sample.
 - math_verify_cases.jsonl: Math-Verify's own regression tests (tests/test_*.py parametrize tables: gold,
   prediction, verdict). Evaluated as evaluate.py scores (accuracy_reward, lenient=True: the harnesses' fallbacks);
   compared with plain Math-Verify (parse + verify, default settings) on the same cases.
@@ -30,8 +35,8 @@ def load(name):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def mcq_agreement():
-    cases = [c for c in load("mcq_peer_cases.jsonl") if "contradicts" not in c]
+def mcq_agreement(name="mcq_peer_cases.jsonl"):
+    cases = [c for c in load(name) if "contradicts" not in c]
     got = [R.extract_choice(c["text"], c["options"], lenient=True) for c in cases]
     return cases, [g == c["want"] for c, g in zip(cases, got)], got
 
@@ -59,6 +64,12 @@ def test_mcq_peer_agreement():
     assert sum(agree) >= 0.97 * len(cases), misses
 
 
+def test_mmmu_pro_real_chain_of_thought_answers():
+    cases, agree, got = mcq_agreement("mmmu_pro_cot_cases.jsonl")
+    misses = [(c["source"].rsplit("#", 1)[-1], c["want"], g) for c, a, g in zip(cases, agree, got) if not a]
+    assert sum(agree) >= 0.97 * len(cases), misses
+
+
 def test_math_verify_regression_cases_at_least_as_many_as_math_verify():
     cases, agree, base = math_verify_agreement()
     assert sum(agree) >= 0.97 * len(cases)
@@ -66,14 +77,16 @@ def test_math_verify_regression_cases_at_least_as_many_as_math_verify():
 
 
 def test_contradictions_are_documented():
-    for name in ("mcq_peer_cases.jsonl", "math_verify_cases.jsonl"):
+    for name in ("mcq_peer_cases.jsonl", "mmmu_pro_cot_cases.jsonl", "math_verify_cases.jsonl"):
         for c in load(name):
             assert c["source"] and (c.get("contradicts") is None or len(c["contradicts"]) > 20)
 
 
 if __name__ == "__main__":
     cases, agree, _ = mcq_agreement()
-    print(f"lmms-eval MCQ extraction contract : {len(cases)} cases, {sum(agree)} agreed ({sum(agree) / len(cases):.1%})")
+    print(f"MCQ peers (lmms-eval, lighteval)   : {len(cases)} cases, {sum(agree)} agreed ({sum(agree) / len(cases):.1%})")
+    cases, agree, _ = mcq_agreement("mmmu_pro_cot_cases.jsonl")
+    print(f"MMMU-Pro GPT-4o CoT (official parser): {len(cases)} cases, {sum(agree)} agreed ({sum(agree) / len(cases):.1%})")
     cases, agree, base = math_verify_agreement()
     print(f"Math-Verify regression tests      : {len(cases)} cases, {sum(agree)} agreed ({sum(agree) / len(cases):.1%}); "
           f"plain Math-Verify {sum(base)} ({sum(base) / len(cases):.1%})")
