@@ -192,7 +192,8 @@ _CJK_SUFFIX = ("입니다", "です")
 _ALTERNATIVE = re.compile(r"\s*(?:,|/|、|\bor\b|\band\b|或|和)\s*[*_`'\"(]*[A-Za-z](?![^\W_])", re.I)
 _NEGATION = re.compile(r"(?i:\bnot\b|n't\b|\bnever\b|\bno\b|\bneither\b|\bnor\b|\bexcept\b|\brather\s+than\b)")
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d+/\d+|\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:[.,]\d+)?|\.\d+)(?!\d|[.,/]\d)")
-_MATH_SPAN = re.compile(r"\\\[(.{1,2000}?)\\\]|\$\$(.{1,2000}?)\$\$|\\\((.{1,2000}?)\\\)|(?<![\\$])\$((?:[^$\\]|\\.){1,2000}?)\$", re.S)
+# A formula: \[..\], $$..$$, \(..\), $..$ (bounded: an answer is short, and the search stays linear)
+_MATH_SPAN = re.compile(r"\\\[(.{1,500}?)\\\]|\$\$(.{1,500}?)\$\$|\\\((.{1,500}?)\\\)|(?<![\\$])\$((?:[^$\\]|\\.){1,500}?)\$", re.S)
 _HOPE = re.compile(r"\s*I hope it is correct\.?\s*$", re.I)
 
 
@@ -351,14 +352,14 @@ def _math_in(s: str, lenient: bool):
 def _last_math_or_number(text):
     """(answer, rule) for the last formula ($..$, $$..$$, \\(..\\), \\[..\\]) or number in prose, whichever
     comes later; None if neither."""
-    tail = text[-20_000:]
+    tail = text[-5_000:]
     math = None
     for math in _MATH_SPAN.finditer(tail):
         pass
     num = None
     for num in _NUMBER.finditer(tail):
         pass
-    if math is not None and (num is None or math.end() >= num.end() or num.start() >= math.start() and num.end() <= math.end()):
+    if math is not None and (num is None or math.end() >= num.end()):
         body = next(g for g in math.groups() if g is not None).strip()
         if body:
             return body, "last_math"
@@ -443,6 +444,7 @@ def extract_answer(text, lenient: bool = False) -> str | None:
 # 3. Multiple choice
 
 
+@functools.lru_cache(maxsize=4096)  # option texts are normalised again for every line and response
 def _norm_text(s: str) -> str:
     s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"[\s$*_`\\]+", " ", s.lower())
@@ -546,13 +548,13 @@ def _implicit_choice(text, opts, lenient, texts=True):
     whole = _clean(s)
     if re.fullmatch(r"[A-Za-z]", whole):
         return (whole.upper() if whole.upper() in opts else None), "letter_line"
-    lines = [ln.strip() for ln in s.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in s[-20_000:].splitlines() if ln.strip()]
     last = lines[-1]
     exact = _exact_option(last, opts)
     if exact:
         return exact, "option_text"
     labels = []
-    for ln in lines:
+    for ln in lines[-200:]:  # the end of the response: where an answer, or an echoed option list, is
         m = _LABEL.match(ln) or (re.fullmatch(r"[*_`'\"(]*([A-Z])[*_`'\")]*[.:]?", ln))
         if m and _exact_option(ln, opts) is None:
             labels.append(m.group(1).upper())
