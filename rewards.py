@@ -172,17 +172,20 @@ _TAG_OPEN, _TAG_CLOSE = re.compile(r"<answer>", re.I), re.compile(r"</answer>", 
 # A chat turn the model went on to write (a leaked "<|im_start|>user"): the response ends there.
 _LEAK = re.compile(r"<\|(?:im_start|im_end|endoftext|end_of_text|eot_id|start_header_id|user|assistant)\|>")
 # Answer cues, last one wins. Math and letters: "Answer: X", "Final Answer\nX", "the answer is X", "answer> X".
-_CUE = re.compile(r"(?i:\b(?:final\s+answer|answer)\s*(?:\*\*|__)?\s*[:：]|\bfinal\s+answer\s*(?:\*\*|__)?\s*\n"
+_CUE = re.compile(r"(?i:\b(?:final\s+answer|answer)\s*(?:\*\*|__)?\s*[:：—–→⇒]|\bfinal\s+answer\s*(?:\*\*|__)?\s*\n"
                   r"|\b(?:the\s+|my\s+)?(?:final\s+|correct\s+|right\s+|best\s+)?answer\s+(?:is|would\s+be|should\s+be)"
                   r"(?:\s*[:：])?|(?<![\w<])answer>)")
 # Letters only: selection phrases ("I choose B", "The best option is B)") and CJK answer markers.
 _CHOICE_CUE = re.compile(r"(?i:\bI\s+(?:choose|pick|select|(?:would|will|'d|'ll)\s+(?:choose|pick|select|go\s+with))\b"
                          r"|\bI\s+(?:think|believe)\s+(?:it'?s|it\s+is)\b"
+                         r"|\bmy\s+(?:final\s+)?(?:selection|choice|pick)\s*(?:is\b|[:：])"
+                         r"|\b(?:respuesta|r[ée]ponse|antwort|risposta|resposta)\s*[:：]"
                          r"|\b(?:the\s+)?(?:final\s+|correct\s+|right\s+|best\s+)?(?:option|choice)\s+(?:is|would\s+be)"
                          r"(?:\s*[:：])?)|答案是|答案为|答案[:：]|选|옵션|정답은|답은|답\s*[:：]|答えは")
 # Letter first: "Option B is correct", "b is correct", "A because ..." (a line start for the bare letter).
 _LETTER_CLAIM = re.compile(r"(?i:\b(?:option|choice)\s+\(?([a-z])\)?\s+is\s+(?:the\s+)?(?:correct|right|best|answer)\b"
-                           r"|(?:^|\n)[ \t*_]*\(?([a-z])\)?[ \t*_]+(?:is\s+(?:the\s+)?(?:correct|right|answer)\b"
+                           r"|(?:^|\n|\b(?:therefore|thus|hence|so)\s+)[ \t*_]*\(?([a-z])\)?[ \t*_]+"
+                           r"(?:is\s+(?:the\s+)?(?:correct|right|answer)\b"
                            r"|seems\s+(?:correct|right)\b|because\b))")
 _OPEN_WRAP = "*_`'\"“‘(（[ \t\n"
 _CLOSE_WRAP = "*_`'\"”’)）]"
@@ -451,8 +454,8 @@ def _norm_text(s: str) -> str:
     return s.strip(" .,:;!?'\"()[]{}")
 
 
-_LATEX_OPEN = re.compile(r"(?:\s|\\[(\[]|\$|\}|\\(?:text|textbf|mathrm|mathbf|boxed)\s*\{|[*_`'\"“‘(（\[])*")
-_LATEX_CLOSE = re.compile(r"(?:\s|\\[)\]]|\$|\}|[*_`'\"”’)）\]])*")
+_LATEX_OPEN = re.compile(r"(?:\s|\\[(\[]|\$|\}|\\(?:text|textbf|mathrm|mathbf|boxed)\s*\{|[*_`'\"“‘(（\[【~])*")
+_LATEX_CLOSE = re.compile(r"(?:\s|\\[)\]]|\$|\}|[*_`'\"”’)）\]】~])*")
 
 
 def _letter_at(s: str, opts):
@@ -503,6 +506,7 @@ def _choice_from_cue(text, opts):
     if stripped.startswith("\n"):
         stripped = stripped.lstrip()
     line = re.sub(r"^[-•]\s+", "", stripped.split("\n", 1)[0])  # "**Answer:**\n- C"
+    line = re.sub(r"^(?i:actually|definitely|clearly|indeed|certainly|still)\s+", "", line)  # not "probably"
     if _exact_option(_sentence(line), opts):
         return _exact_option(_sentence(line), opts), "cue"
     letter = _letter_at(line, opts)
@@ -511,8 +515,9 @@ def _choice_from_cue(text, opts):
         letter = _letter_at(line[inner.end():], opts) if inner else None
     if letter is None:  # "The answer is the nucleus." / "Answer: dog" / "Final answer: I cannot tell."
         letter = _exact_option(_sentence(line), opts) or _option_in(_sentence(line), opts) or ""
-        if not letter:  # a later line may still hold the answer ("the answer is clear ...\n(C)")
-            later = stripped.split("\n", 1)[1] if "\n" in stripped else ""
+        if not letter:  # a later sentence may still hold it ("the answer is not C. The diagnosis is ...")
+            cut = re.search(r"[.!?](?:\s|$)|\n", stripped)
+            later = stripped[cut.end():] if cut else ""
             if later.strip():
                 got, rule = _implicit_choice(later, opts, lenient=False)
                 if got:
@@ -520,7 +525,8 @@ def _choice_from_cue(text, opts):
     return letter, "cue"
 
 
-_LABEL = re.compile(r"[ \t*_#>]*[(（\[]?([A-Za-z])(?:[)）\]][ \t*_]*[.:]?|[.:][ \t*_]*)(?:\s|$)")
+_LABEL = re.compile(r"[ \t*_#>~`+\-]*(?:\d{1,3}\.\s+[ \t*_~`]*)?[(（\[]*([A-Za-z])"
+                    r"(?:[)）\]]+[ \t*_~`]*[.:]?|[*_~`]*[.:)][ \t*_~`]*)(?:\s|$)")
 
 
 def _option_in(line, opts):
@@ -531,7 +537,8 @@ def _option_in(line, opts):
         t = _norm_text(v)
         if len(t) >= 2:
             for hit in re.finditer(r"(?<!\w)" + re.escape(t) + r"(?!\w)", norm):
-                if not _NEGATION.search(norm[max(0, hit.start() - 40):hit.start()]):
+                before = re.split(r"[.!?;]\s", norm[max(0, hit.start() - 60):hit.start()])[-1]
+                if not _NEGATION.search(before):
                     found.append(k)
                     break
     return found[0] if len(found) == 1 else None
@@ -574,8 +581,12 @@ def _implicit_choice(text, opts, lenient, texts=True):
         if len(marked) == 1 and not _ALTERNATIVE.search(last):
             letter = marked.pop().upper()
             return (letter if letter in opts else None), "marked_letter"
+        sentence = re.split(r"(?<=[.!?])\s+", last)[-1]
+        m = re.fullmatch(r"[*_(]*([A-Z])[*_)]*[.!]?", sentence)  # "A is wrong. B seems unlikely. D"
+        if m and len(sentence) < len(last):
+            return (m.group(1) if m.group(1) in opts else None), "trailing_letter"
         m = re.search(r"[,;]\s*([A-Z])\.?\s*$", last)
-        if m and len(set(re.findall(r"(?<![^\W_])[A-Z](?![^\W_])", last))) == 1:  # not "Options A, B, C, D"
+        if m and len(set(re.findall(r"(?<![^\W_])[A-Z](?![^\W_])", last))) == 1 and not _NEGATION.search(sentence):
             return (m.group(1) if m.group(1) in opts else None), "trailing_letter"
     if not texts or (len(lines) == 1 and len(last) <= 40 and len(last.split()) <= 4):
         return None, None  # a short one-line answer is read whole (above): "A ribosome ..." names no option

@@ -13,6 +13,9 @@ Corpora (tests/data/, one JSON object a line, each case naming its source):
   published with MMMU-Pro's evaluation code, with the letter its official parser read (the last 1,500
   characters of each response: the same verdict as the whole). The 8 responses of all 1,730 where this
   project reads another letter are here, each with its reason; 92 more are a random sample.
+- med_mcq_cases.jsonl: a medical MCQ grader's tests (med-lm-envs tests/test_mcq_accuracy.py: the cases with
+  letter options; "correct" is its verdict for the response against "gold"). Its cases with numbered options or
+  with its answer-text matching switched off are left out (this project's options are letters, text always on).
 - math_verify_cases.jsonl: Math-Verify's own regression tests (tests/test_*.py parametrize tables: gold,
   prediction, verdict). Evaluated as evaluate.py scores (accuracy_reward, lenient=True: the harnesses' fallbacks);
   compared with plain Math-Verify (parse + verify, default settings) on the same cases.
@@ -64,6 +67,18 @@ def test_mcq_peer_agreement():
     assert sum(agree) >= 0.97 * len(cases), misses
 
 
+def med_agreement():
+    cases = [c for c in load("med_mcq_cases.jsonl") if "contradicts" not in c]
+    got = R.accuracy_reward([c["text"] for c in cases], [c["gold"] for c in cases], [c["options"] for c in cases],
+                            lenient=True)
+    return cases, [(g == 1.0) == c["correct"] for c, g in zip(cases, got)]
+
+
+def test_medical_mcq_grader_cases():
+    cases, agree = med_agreement()
+    assert sum(agree) >= 0.97 * len(cases), [c["source"] for c, a in zip(cases, agree) if not a]
+
+
 def test_mmmu_pro_real_chain_of_thought_answers():
     cases, agree, got = mcq_agreement("mmmu_pro_cot_cases.jsonl")
     misses = [(c["source"].rsplit("#", 1)[-1], c["want"], g) for c, a, g in zip(cases, agree, got) if not a]
@@ -77,7 +92,7 @@ def test_math_verify_regression_cases_at_least_as_many_as_math_verify():
 
 
 def test_contradictions_are_documented():
-    for name in ("mcq_peer_cases.jsonl", "mmmu_pro_cot_cases.jsonl", "math_verify_cases.jsonl"):
+    for name in ("mcq_peer_cases.jsonl", "mmmu_pro_cot_cases.jsonl", "med_mcq_cases.jsonl", "math_verify_cases.jsonl"):
         for c in load(name):
             assert c["source"] and (c.get("contradicts") is None or len(c["contradicts"]) > 20)
 
@@ -87,6 +102,8 @@ if __name__ == "__main__":
     print(f"MCQ peers (lmms-eval, lighteval)   : {len(cases)} cases, {sum(agree)} agreed ({sum(agree) / len(cases):.1%})")
     cases, agree, _ = mcq_agreement("mmmu_pro_cot_cases.jsonl")
     print(f"MMMU-Pro GPT-4o CoT (official parser): {len(cases)} cases, {sum(agree)} agreed ({sum(agree) / len(cases):.1%})")
+    cases, agree = med_agreement()
+    print(f"medical MCQ grader (med-lm-envs)   : {len(cases)} cases, {sum(agree)} agreed ({sum(agree) / len(cases):.1%})")
     cases, agree, base = math_verify_agreement()
     print(f"Math-Verify regression tests      : {len(cases)} cases, {sum(agree)} agreed ({sum(agree) / len(cases):.1%}); "
           f"plain Math-Verify {sum(base)} ({sum(base) / len(cases):.1%})")
