@@ -263,7 +263,7 @@ def convert_medxpertqa(row, base):  # TsinghuaC3I/MedXpertQA: options already in
 def nejm_image(row, base):
     """NEJM's image: an `image` / `image_path` / `img` column, else the file named by the item's date id
     (IC20230105.jpg, 20230105.png, ...) in --nejm_image_dir or the data's images/ folder; None if absent."""
-    for key in ("image", "image_path", "img", "image_url"):
+    for key in ("image", "image_path", "img"):
         if row.get(key) not in (None, ""):
             return row[key]
     ids = [str(row[k]) for k in ("date", "id", "question_id") if row.get(k) not in (None, "")]
