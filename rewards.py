@@ -198,6 +198,9 @@ _NUMBER = re.compile(r"(?<![\w.])-?(?:\d+/\d+|\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?
 # A formula: \[..\], $$..$$, \(..\), $..$ (bounded: an answer is short, and the search stays linear)
 _MATH_SPAN = re.compile(r"\\\[(.{1,500}?)\\\]|\$\$(.{1,500}?)\$\$|\\\((.{1,500}?)\\\)|(?<![\\$])\$((?:[^$\\]|\\.){1,500}?)\$", re.S)
 _HOPE = re.compile(r"\s*I hope it is correct\.?\s*$", re.I)
+# What follows "the answer is" when it judges an answer instead of giving one
+_VERDICT = re.compile(r"(?i:(?:correct|right|wrong|incorrect|consistent|valid|verified|confirmed|reasonable|plausible"
+                      r"|as follows|below|above|clear|indeed correct)\b|$)")
 
 
 def _region(text):
@@ -343,6 +346,16 @@ def _last_cue(text, cue=_CUE):
     return last
 
 
+def _last_answer_cue(text):
+    """The last answer cue that gives an answer: "42. Check: the answer is correct." is read at "42"."""
+    m = _last_cue(text)
+    if m is not None and _VERDICT.match(_cue_answer(text, m)):
+        earlier = [c for c in list(_CUE.finditer(text, max(0, m.start() - 5_000), m.start()))[-5:]
+                   if not _VERDICT.match(_cue_answer(text, c))]
+        m = earlier[-1] if earlier else None
+    return m
+
+
 def _math_in(s: str, lenient: bool):
     """A sentence after an answer cue ("The largest $n$ is 34") -> its last number or formula (lenient)."""
     prose = re.findall(r"[A-Za-z]{3,}", re.sub(r"\\[A-Za-z]+|\$[^$]*\$", "", s))
@@ -378,7 +391,7 @@ def _cue_answer(text, m):
     if rest.startswith("\n"):  # "Final Answer\n\n7" / "Answer:\n C"
         rest = rest.lstrip()
     line = _HOPE.sub("", rest.split("\n", 1)[0].strip())
-    inner = _last_cue(line)
+    inner = _CUE.match(line)  # "Final Answer: The final answer is 7.78": a second cue that opens the line
     if inner is not None:
         line = line[inner.end():].strip()
     return _sentence(line.strip().strip("*").strip())
@@ -389,7 +402,7 @@ def _from_region(text, lenient=False):
     A box and an answer cue: the later one, so "\\boxed{200} ... Final Answer: 10,455" is 10,455 (a cue
     after the box must name something, not "the answer is correct")."""
     boxed = _last_boxed(text)
-    m = _last_cue(text)
+    m = _last_answer_cue(text)
     if m is not None:
         line = _cue_answer(text, m)
         box_at = _box_starts(text, len(text))
@@ -493,7 +506,7 @@ def _exact_option(s: str, opts):
 def _choice_from_cue(text, opts):
     """(letter / "" / None, rule) from the last answer cue or letter claim in text. "" = a cue that names no
     option (no answer, no fallback to an earlier one); None = no cue at all."""
-    cues = [m for m in (_last_cue(text), _last_cue(text, _CHOICE_CUE)) if m is not None]
+    cues = [m for m in (_last_answer_cue(text), _last_cue(text, _CHOICE_CUE)) if m is not None]
     claim = _last_cue(text, _LETTER_CLAIM)
     if claim is not None and (not cues or claim.start() > max(m.start() for m in cues)):
         letter = (claim.group(1) or claim.group(2)).upper()

@@ -431,7 +431,7 @@ COLORS = ["red", "blue", "green", "yellow"]
     ("\\boxed{C}\nThe answer is correct.", "C", "boxed"),  # a cue after the box must name something
     ("(A) or (D)", None, None), ("A. red\nB. blue\nC. green\nD. yellow", None, None),  # a hedge, an echoed list
     ("the ball is not yellow", None, None), ("Answer: B and C", None, "cue"), ("The answer is A or B.", None, "cue"),
-    ("I choose plan B.", None, "cue"), ("Answer: Z. Then I pick B.", "B", "cue"), ("Answer: B\nFinal answer: E", None, "cue"),
+    ("I choose plan B.", None, "cue"), ("The answer is B. Checking again, the answer is correct.", "B", "cue"), ("Answer: Z. Then I pick B.", "B", "cue"), ("Answer: B\nFinal answer: E", None, "cue"),
 ])
 def test_extract_choice_order(text, want, rule):
     assert R.extract_choice_rule(text, COLORS) == (want, rule)
@@ -456,6 +456,7 @@ def test_extract_choice_lenient_only(text, want, rule):
     ("\\boxed{200} so far ... Final Answer: The final answer is $10,455$. I hope it is correct.",
      ("10455", "cue"), ("10455", "cue")),  # the later answer
     ("\\boxed{1}, \\boxed{2} and \\boxed{3}", ("1, 2, 3", "boxed"), ("1, 2, 3", "boxed")),  # one answer, as Math-Verify
+    ("So the answer is 42. Let me double-check: yes, the answer is correct.", ("42", "cue"), ("42", "cue")),  # a verdict
     ("Soucis : 2,74 $ a..", (None, None), ("2.74", "last_number")), ("\\$16,\\!386.20", ("16386.20", "bare_line"), ("16386.20", "bare_line")),
 ])
 def test_extract_math_order(text, strict, lenient):
