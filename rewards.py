@@ -7,6 +7,8 @@ One rule, one place: SFT teaches the format that RL rewards and evaluation parse
     extract_answer(text)                                           # "85"
     accuracy_reward([text], ["85"])                                # [1.0]
     accuracy_reward(["<answer>C: nucleus</answer>"], ["C"], [["ribosome", "wall", "nucleus"]])  # [1.0]
+    extract("So x = 3, and the total is 7,425,000.", lenient=True)  # ("7425000", "last_number"): evaluation only
+    extract_choice_rule("(A) or (D)", ["cat", "dog", "cow", "hen"])  # (None, None): a hedge is no answer
 
 Extraction (`extract` / `extract_choice_rule` return the answer and the rule that found it), in this order:
  0. Cut: everything up to the last </think> (a response cut while thinking has only a complete <answer>);
@@ -47,6 +49,11 @@ Scoring (`accuracy_reward(completions, golds, options=None, lenient=False)`), pe
   is switched off and a stuck worker is killed instead). Results are cached: RL repeats each gold n times.
   A gold with several answers ("\\boxed{1} and \\boxed{2}", "$1$ and $2$") is read by Math-Verify as a set.
 - a gold that cannot be parsed -> None (skip the item and count it), never 1.0.
+
+Where the field's own suites disagree with each other, the choices here (tests/test_extraction_corpus.py lists
+each case): the last box wins over an earlier one that prose separates from it ("\\boxed{1} ... \\boxed{2}" is 2;
+Math-Verify makes a set of every box); a letter must follow its cue ("The answer is probably B" names nothing, as
+lmms-eval's contract says; lighteval reads "The answer is for sure D" as D); golds are read as LaTeX only.
 
 Model output is untrusted: nothing here evaluates it as code (no eval, no sympy.sympify/parse_expr;
 Math-Verify parses LaTeX with its own grammar). Choices worth knowing: `28\\%` <- `0.28` is accepted
