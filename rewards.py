@@ -13,8 +13,8 @@ One rule, one place: SFT teaches the format that RL rewards and evaluation parse
 Extraction (`extract` / `extract_choice_rule` return the answer and the rule that found it), in this order:
  0. Cut: everything up to the last </think> (a response cut while thinking has only a complete <answer>);
     everything from a leaked chat turn on (`<|im_start|>user`, `<|eot_id|>`, ...).
- 1. tag      the last <answer>...</answer> (any case; a box or an answer cue inside it is read). A nested or
-             never-opened tag is malformed: no answer.
+ 1. tag      the last <answer>...</answer> (any case; a box or an answer cue inside it is read). A nested tag
+             is malformed: no answer; so is a closing tag never opened for letters (math reads past it).
  2. boxed    the last \\boxed{} / \\fbox{} (boxes that end the response one after another, joined only by
              "and", commas or \\quad, are one answer "1, 2"; a box inside a box is malformed),
     cue      or the last answer cue, whichever comes later: "Answer: X", "Final Answer\\nX", "the (final /
@@ -443,6 +443,8 @@ def extract(text, lenient: bool = False):
     if region is None:
         return None, None
     tag = _last_tag(region)
+    if tag is not None and not _TAG_OPEN.search(region):
+        tag, region = None, _TAG_CLOSE.sub(" ", region)  # "so it is 5.</answer>": read past a lone closing tag
     if tag is not None:
         inner = tag[0]
         found, _ = _from_region(inner)  # "<answer>Answer: 5</answer>", a written solution ending in \boxed{}

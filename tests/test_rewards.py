@@ -457,6 +457,7 @@ def test_extract_choice_lenient_only(text, want, rule):
      ("10455", "cue"), ("10455", "cue")),  # the later answer
     ("\\boxed{1}, \\boxed{2} and \\boxed{3}", ("1, 2, 3", "boxed"), ("1, 2, 3", "boxed")),  # one answer, as Math-Verify
     ("So the answer is 42. Let me double-check: yes, the answer is correct.", ("42", "cue"), ("42", "cue")),  # a verdict
+    ("<think>t</think>The answer is 5.</answer>", ("5", "cue"), ("5", "cue")),  # a lone closing tag is read past
     ("Soucis : 2,74 $ a..", (None, None), ("2.74", "last_number")), ("\\$16,\\!386.20", ("16386.20", "bare_line"), ("16386.20", "bare_line")),
 ])
 def test_extract_math_order(text, strict, lenient):
