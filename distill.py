@@ -243,9 +243,7 @@ def normalize_question(row, i: int, source: str) -> dict:
     gold = row.get("answer", row.get("solution"))
     if gold is None:
         raise ValueError(f"{where}: no 'answer' field")
-    gold = str(gold)
-    if "####" in gold:  # GSM8K: worked solution, then "#### 42"
-        gold = gold.rsplit("####", 1)[1].strip()
+    gold = rewards.final_answer(gold)  # GSM8K: worked solution, then "#### 42"
     return {"id": qid, "question": question, "gold": gold, "options": None}
 
 

@@ -35,6 +35,7 @@ import os
 import random
 import re
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal
 
@@ -173,6 +174,12 @@ class Config:
         default_factory=list,
         metadata={"help": "instead of evaluating: tabulate and plot these run folders"},
     )
+    nejm_image_dir: str | None = field(
+        default=None,
+        metadata={"help": "NEJM Image Challenge: folder of its images named by the item's date "
+                          "(IC20230105.jpg or 20230105.png), for dumps without an image / image_path "
+                          "column; an item whose image is missing is skipped and counted"},
+    )
 
 
 # ---- Images and options: the small pieces every converter shares ----------------------------------
@@ -221,14 +228,57 @@ def row_id(row: dict, *keys) -> str:
     return next((str(row[k]) for k in keys if row.get(k) not in (None, "")), str(row["_index"]))
 
 
-def make_item(id, question, images, options, gold, kind, **extra) -> dict:
+class SkipItem(Exception):
+    """An item the data cannot pose as the benchmark asks (its image is missing): skipped, named, counted."""
+
+
+def make_item(id, question, images, options, gold, kind, needs_image=False, **extra) -> dict:
+    """The item; an image the question or an option mentions (`<image k>`), or that the benchmark always has
+    (needs_image), but the data does not provide is a SkipItem, never a silent text-only item."""
+    mentioned = [int(k) for k in re.findall(r"<image (\d+)>", " ".join([question, *(options or {}).values()]))]
+    missing = sorted({k for k in mentioned if k > len(images) or images[k - 1] is None})
+    if missing or (needs_image and not any(im is not None for im in images)):
+        raise SkipItem(f"item {id!r}: image {', '.join(map(str, missing)) or 1} not in the data")
     return {"id": id, "question": question, "images": [im for im in images if im is not None],
             "options": options, "gold": gold, "kind": kind, **extra}
 
 
+_INLINE_HEADER = re.compile(r"(?:^|\n|\s)(?:Answer\s+Choices|Options|Choices)\s*:\s*", re.I)
+_INLINE_LABEL = re.compile(r"(?:^|(?<=[\s,;]))(?:\(([A-Z])\)|([A-Z])[.:)])(?=\s|$)")
+
+
+def inline_options(question: str):
+    """(stem, {letter: text}) for options written inside the question, in any common shape:
+    "Options: A: x, B: y", "Choices:\n(A) x\n(B) y", "Answer Choices: (A) x (B) y", "A. x" lines at the end.
+    The letters must run A, B, C, ... in order (so "(A) 40.7" rows keep their count and order); None if not."""
+    q = str(question)
+    heads = list(_INLINE_HEADER.finditer(q))
+    if heads:
+        stem, rest = q[:heads[-1].start()], q[heads[-1].end():]
+    else:  # no header: a block of labelled lines that ends the question
+        lines = q.rstrip().split("\n")
+        k = len(lines)
+        while k > 0 and re.match(r"\s*(?:\([A-Z]\)|[A-Z][.:)])\s", lines[k - 1] + " "):
+            k -= 1
+        stem, rest = "\n".join(lines[:k]), "\n".join(lines[k:])
+    marks, want = [], 0
+    for m in _INLINE_LABEL.finditer(rest):
+        letter = m.group(1) or m.group(2)
+        if letter == LETTERS[want] and (want or not rest[:m.start()].strip()):
+            marks.append(m)
+            want += 1
+            if want == len(LETTERS):
+                break
+    if len(marks) < 2:
+        return None
+    ends = [m.start() for m in marks[1:]] + [len(rest)]
+    options = {LETTERS[i]: rest[m.end():e].strip().rstrip(",;").strip() for i, (m, e) in enumerate(zip(marks, ends))}
+    return stem.strip(), options
+
+
 # ---- Converters: one per data shape (fields as on each dataset's card) ----------------------------
 def convert_gsm8k(row, base):  # openai/gsm8k: question, answer "...#### 72"
-    gold = str(row["answer"]).split("####")[-1].strip().replace(",", "")
+    gold = rewards.final_answer(row["answer"]).replace(",", "")
     return make_item(row_id(row, "id"), row["question"], [], None, gold, "math")
 
 
@@ -261,13 +311,14 @@ def convert_mmmu_pro_vision(row, base):  # MMMU_Pro vision: the question and its
                      str(row["answer"]).strip(), "mcq", options_in_image=True)
 
 
-def convert_mmstar(row, base):  # Lin-Chen/MMStar: options inline "...\nOptions: A: x, B: y, C: z, D: w"
-    question, _, inline = str(row["question"]).rpartition("Options:")
-    found = re.findall(r"(?:^|,)\s*([A-F])[:.]\s*(.*?)(?=,\s*[A-F][:.]\s|$)", inline.strip(), re.S)
-    if not question or len(found) < 2:  # no parseable option list: keep the question whole
-        question, found = str(row["question"]), [(L, L) for L in "ABCD"]
-    return make_item(row_id(row, "index"), question.strip(), [to_pil(row["image"], base)],
-                     {k: v.strip() for k, v in found}, str(row["answer"]).strip(), "mcq")
+def convert_mmstar(row, base):  # Lin-Chen/MMStar: options inline, "Options: A: x, B: y" or "(A) x" lines
+    found = inline_options(row["question"])
+    if found is None:
+        raise ValueError(f"question has no option list (looked for 'Options: A: ..', '(A) ..' / 'A. ..' lines): "
+                         f"{str(row['question'])[:200]!r}")
+    question, options = found
+    return make_item(row_id(row, "index"), question, [to_pil(row.get("image"), base)], options,
+                     str(row["answer"]).strip(), "mcq", needs_image=True)
 
 
 def convert_mathvista(row, base):  # AI4Math/MathVista: multiple-choice gold is the option *text*
@@ -275,13 +326,13 @@ def convert_mathvista(row, base):  # AI4Math/MathVista: multiple-choice gold is 
     if row.get("question_type") == "multi_choice" and row.get("choices"):
         options = lettered(row["choices"])
         return make_item(row_id(row, "pid"), row["question"], [image], options,
-                         letter_of(options, row["answer"]), "mcq")
+                         letter_of(options, row["answer"]), "mcq", needs_image=True)
     question = row["question"]
     if row.get("answer_type") == "integer":
         question += "\n(Answer with an integer.)"
     elif row.get("answer_type") == "float" and row.get("precision") is not None:
         question += f"\n(Answer with a number to {int(row['precision'])} decimal places.)"
-    return make_item(row_id(row, "pid"), question, [image], None, str(row["answer"]), "math")
+    return make_item(row_id(row, "pid"), question, [image], None, str(row["answer"]), "math", needs_image=True)
 
 
 def convert_mathvision(row, base):  # MathLLMs/MathVision: `<image1>` placeholder, options [] for open
@@ -289,8 +340,8 @@ def convert_mathvision(row, base):  # MathLLMs/MathVision: `<image1>` placeholde
     image = to_pil(row.get("decoded_image") or row.get("image"), base)
     if row.get("options"):
         return make_item(row_id(row, "id"), question, [image], lettered(row["options"]),
-                         str(row["answer"]).strip(), "mcq")
-    return make_item(row_id(row, "id"), question, [image], None, str(row["answer"]), "math")
+                         str(row["answer"]).strip(), "mcq", needs_image=True)
+    return make_item(row_id(row, "id"), question, [image], None, str(row["answer"]), "math", needs_image=True)
 
 
 def convert_medqa(row, base):  # MedQA: options {A: ..} (4-option set) or [{key, value}] (bigbio source)
@@ -304,19 +355,42 @@ def convert_medqa(row, base):  # MedQA: options {A: ..} (4-option set) or [{key,
 def convert_medxpertqa(row, base):  # TsinghuaC3I/MedXpertQA: options already inside the question text
     question = re.split(r"\n?\s*Answer Choices:", str(row["question"]))[0].strip()
     images = [to_pil(name, base) for name in (row.get("images") or [])]
-    options = {k: str(v) for k, v in row["options"].items() if v is not None}
+    if row.get("options"):
+        options = {k: str(v) for k, v in row["options"].items() if v is not None}
+    else:  # only the "Answer Choices: (A) .. (B) .." text
+        options = (inline_options(row["question"]) or (None, None))[1]
+        if not options:
+            raise ValueError("no `options` field and no 'Answer Choices:' list in the question")
     return make_item(row_id(row, "id"), question, images, options, str(row["label"]).strip(), "mcq")
+
+
+def nejm_image(row, base):
+    """NEJM's image: an `image` / `image_path` / `img` column, else the file named by the item's date id
+    (IC20230105.jpg, 20230105.png, ...) in --nejm_image_dir or the data's images/ folder; None if absent."""
+    for key in ("image", "image_path", "img"):
+        if row.get(key) not in (None, ""):
+            return row[key]
+    ids = [str(row[k]) for k in ("date", "id", "question_id") if row.get(k) not in (None, "")]
+    dates = [m.group(1) for v in ids for m in [re.search(r"(\d{8})", v)] if m]
+    for folder in [d for d in (row.get("_image_dir"), os.path.join(base, "images"), base) if d]:
+        for date in dates:
+            for name in (f"IC{date}", date):
+                for ext in (".jpg", ".jpeg", ".png", ".webp"):
+                    if os.path.isfile(os.path.join(folder, name + ext)):
+                        return os.path.join(folder, name + ext)
+    return None
 
 
 def convert_option_columns(row, base):  # OmniMedVQA / NEJM dumps: option_A.. columns
     options = {L: str(row[f"option_{L}"]) for L in LETTERS[:10] if row.get(f"option_{L}") not in (None, "")}
     if row.get("gt_answer") is not None:  # OmniMedVQA: gold is the option text
         gold = letter_of(options, row["gt_answer"])
-    else:  # NEJM: a letter
+        image = row.get("image_path") or row.get("image")
+    else:  # NEJM: a letter; public dumps serve the image by date, not in a column
         gold = str(row.get("correct_answer") or row.get("answer")).strip()
-    image = row.get("image_path") or row.get("image")
+        image = nejm_image(row, base)
     return make_item(row_id(row, "question_id", "id", "date"), row["question"], [to_pil(image, base)],
-                     options, gold, "mcq")
+                     options, gold, "mcq", needs_image=True)
 
 
 def convert_math500(row, base):  # HuggingFaceH4/MATH-500: problem, answer
@@ -401,18 +475,41 @@ def load_items(name: str, cfg: Config) -> list[dict]:
             ds = datasets.load_dataset(spec.hub_id, config, split=spec.split)
             rows += [dict(r, _config=config) for r in ds]
     rows = [dict(r, _index=i) for i, r in enumerate(rows)]  # the position is the id of rows without one
+    if name == "nejm" and cfg.nejm_image_dir:
+        rows = [dict(r, _image_dir=cfg.nejm_image_dir) for r in rows]
     if spec.keep:
         rows = [r for r in rows if spec.keep(r)]
     rows = rows[:cfg.limit] if cfg.limit else rows
-    items = []
+    items = Items()
     for r in rows:
         try:
             items.append(spec.convert(r, base))
+        except SkipItem as e:  # counted in the summary, named here
+            items.skipped.append(str(e))
         except Exception as e:  # name the file, the row and the field the user must fix
             raise ValueError(f"{name}: {source} row {r['_index']}: cannot convert ({type(e).__name__}: {e})") from e
+    if items.skipped:
+        hint = " (pass --nejm_image_dir)" if name == "nejm" else ""
+        print(f"[{name}] skipped {len(items.skipped)} of {len(rows)} items{hint}: " + "; ".join(items.skipped[:5]) +
+              (" ..." if len(items.skipped) > 5 else ""), file=sys.stderr)
+        if not items:
+            raise ValueError(f"{name}: {source}: every item lacks its image{hint}; first: {items.skipped[0]}")
     if len({it["id"] for it in items}) != len(items):
         raise ValueError(f"{name}: {source} has duplicate item ids")
     return items
+
+
+class Items(list):
+    """A benchmark's items, with `skipped`: the items the data could not pose (named, counted in the summary)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.skipped = []
+
+
+def max_images(items) -> int:
+    """The most images one prompt of these items carries (each image once): the engine's per-prompt limit."""
+    return max((len(it["images"]) for it in items), default=0)
 
 
 # ---- Prompts: rewards.py's prompt, images placed where their `<image k>` placeholders are ---------
@@ -426,9 +523,11 @@ def fit_pixels(image, max_pixels: int):
 
 
 def build_prompt(item: dict, processor, with_images: bool = True, max_pixels: int = 0, template: str = "paper") -> dict:
-    """{"prompt": chat-templated text, "images": [...]} for generate(). Images sit where their
-    `<image k>` placeholders are (MMMU interleaves them); images without one go first. Without images
-    (a text model, or the text-solvable analysis) the placeholders are dropped."""
+    """{"prompt": chat-templated text, "images": [...]} for generate(). Each image once, at its first
+    `<image k>` placeholder (MMMU interleaves them; an MMMU-Pro item may mention its 7 images 35 times): a
+    later mention is the text "[image k]", so a prompt never carries more images than the item has. Images
+    without a placeholder go first. Without images (a text model, or the text-solvable analysis) the
+    placeholders are dropped."""
     if item["kind"] == "mcq":
         options = ({k: "(shown in the image)" for k in item["options"]} if item.get("options_in_image")
                    else item["options"])
@@ -441,10 +540,12 @@ def build_prompt(item: dict, processor, with_images: bool = True, max_pixels: in
         if j % 2 == 0:
             if part.strip():
                 content.append({"type": "text", "text": part})
-        elif 1 <= int(part) <= len(images):
+        elif 1 <= int(part) <= len(images) and int(part) - 1 not in referenced:
             content.append({"type": "image"})
             used.append(images[int(part) - 1])
             referenced.add(int(part) - 1)
+        elif 1 <= int(part) <= len(images):
+            content.append({"type": "text", "text": f"[image {part}]"})
     unplaced = [im for k, im in enumerate(images) if k not in referenced]
     content = [{"type": "image"} for _ in unplaced] + content
     used = unplaced + used
@@ -463,14 +564,25 @@ def majority_correct(votes: list, correct: list) -> float:
     return 0.0 if winner is None else float(correct[votes.index(winner)] or 0.0)
 
 
+def extraction_rule(text: str, options) -> str:
+    """How rewards.py read a response (lenient, as scored): "tag", "boxed", "cue", ... or "none"."""
+    answer, rule = (rewards.extract_choice_rule(text, options, lenient=True) if options else
+                    rewards.extract(text, lenient=True))
+    return "none" if answer is None else rule
+
+
 def summarize(records: list[dict], num_samples: int) -> dict:
-    """Accuracy (first sample: the greedy headline), avg/maj/pass@k, parse failures, lengths, truncation."""
+    """Accuracy (first sample: the greedy headline), avg/maj/pass@k, parse failures, lengths, truncation, and
+    how each answer was read: `extraction_rules` counts samples per rule ("none" = parse failure),
+    `lenient_rate` the share read by a lenient fallback (rewards.LENIENT_RULES: not the taught format),
+    `accuracy_lenient_share` the share of first-sample points that came from those fallbacks."""
     mean = lambda xs: sum(xs) / len(xs) if xs else None
     scored = [r for r in records if r["correct"][0] is not None]  # gold unparseable: skipped, counted
     samples = [(r, j) for r in records for j in range(len(r["responses"]))]
+    failed = lambda r, j: r["extraction_rule"][j] == "none" if "extraction_rule" in r else r["extracted"][j] is None
     s = {"items": len(records), "scored": len(scored), "gold_unparseable": len(records) - len(scored),
          "accuracy": mean([r["correct"][0] for r in scored]),
-         "parse_failure_rate": mean([r["extracted"][j] is None for r, j in samples]),
+         "parse_failure_rate": mean([failed(r, j) for r, j in samples]),
          "mean_tokens": mean([r["tokens"][j] for r, j in samples]),
          "truncation_rate": mean([r["truncated"][j] for r, j in samples]),
          "forced_exit_rate": mean([r["forced_exit"][j] for r, j in samples])}
@@ -484,14 +596,24 @@ def summarize(records: list[dict], num_samples: int) -> dict:
         rest = [r for r in with_image if not r["noimage_correct"][0]]
         s.update(text_solvable=len(with_image) - len(rest), text_solvable_removed_items=len(rest),
                  text_solvable_removed_accuracy=mean([r["correct"][0] for r in rest]))
+    if all("extraction_rule" in r for r in records) and records:
+        rules = Counter(r["extraction_rule"][j] for r, j in samples)
+        lenient = lambda rule: rule in rewards.LENIENT_RULES
+        points = [r for r in scored if r["correct"][0]]
+        s.update(extraction_rules=dict(rules.most_common()),
+                 lenient_rate=mean([lenient(r["extraction_rule"][j]) for r, j in samples]),
+                 accuracy_lenient_share=mean([lenient(r["extraction_rule"][0]) for r in points]) if points else 0.0)
     return s
 
 
 def score(texts: list[str], golds: list, options: list) -> list:
-    """rewards.accuracy_reward, with a list of accepted golds (MMMU open) scored as the best of them."""
+    """rewards.accuracy_reward, with a list of accepted golds (MMMU open) scored as the best of them.
+    lenient=True: what the harnesses accept (the last number of an unformatted response, ...); each
+    sample's rule is recorded (extraction_rule) and tallied in the summary."""
     flat = [(i, t, g, o) for i, (t, gs, o) in enumerate(zip(texts, golds, options))
             for g in (gs if isinstance(gs, list) else [gs])]
-    got = rewards.accuracy_reward([t for _, t, _, _ in flat], [g for _, _, g, _ in flat], [o for *_, o in flat])
+    got = rewards.accuracy_reward([t for _, t, _, _ in flat], [g for _, _, g, _ in flat], [o for *_, o in flat],
+                                  lenient=True)
     out = [None] * len(texts)
     for (i, *_), v in zip(flat, got):
         if v is not None:
@@ -550,11 +672,12 @@ def score_chunk(items: list, prompts: list, outs: list, blind_outs: dict, k: int
     for i, (it, p, cs) in enumerate(zip(items, prompts, outs)):
         rec = {"id": it["id"], "kind": it["kind"], "gold": it["gold"], "options": it["options"],
                "prompt": p["prompt"], "n_images": len(p["images"]), "responses": [c.text for c in cs],
-               "extracted": [rewards.extract_answer(c.text) for c in cs], "correct": correct[i * k:(i + 1) * k],
+               "extracted": [rewards.extract_answer(c.text, lenient=True) for c in cs],
+               "extraction_rule": [extraction_rule(c.text, it["options"]) for c in cs], "correct": correct[i * k:(i + 1) * k],
                "tokens": [len(c.token_ids) for c in cs], "truncated": [c.finish_reason == "length" for c in cs],
                "forced_exit": [c.forced_exit for c in cs]}
         if it["options"]:
-            rec["choice"] = [rewards.extract_choice(c.text, it["options"]) for c in cs]
+            rec["choice"] = [rewards.extract_choice(c.text, it["options"], lenient=True) for c in cs]
         if i in blind_outs:
             b = blind.index(i)
             rec.update(noimage_responses=[c.text for c in blind_outs[i]], noimage_correct=bcorrect[b * k:(b + 1) * k])
@@ -575,12 +698,19 @@ def write_reports(summary: dict, out_dir: str, k: int) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
     at_k = [f"avg@{k}", f"maj@{k}", f"pass@{k}"] if k > 1 else []
     rows = [[name, s["items"], pct(s["accuracy"])] + [pct(s.get(m)) for m in at_k] +
-            [pct(s["parse_failure_rate"]), "-" if s["mean_tokens"] is None else f"{s['mean_tokens']:.0f}",
+            [pct(s["parse_failure_rate"]), pct(s.get("lenient_rate")), s.get("skipped", 0),
+             "-" if s["mean_tokens"] is None else f"{s['mean_tokens']:.0f}",
              pct(s["truncation_rate"]), pct(s["forced_exit_rate"]),
              f"{pct(s['text_solvable_removed_accuracy'])} ({s['text_solvable_removed_items']} items)"
              if "text_solvable_removed_accuracy" in s else "-"] for name, s in summary["benchmarks"].items()]
-    table = markdown_table(["benchmark", "items", "accuracy"] + at_k + ["parse fail %", "mean tokens", "truncated %",
-                                                                       "forced exit %", "text-solvable removed"], rows)
+    table = markdown_table(["benchmark", "items", "accuracy"] + at_k +
+                           ["parse fail %", "lenient %", "skipped", "mean tokens", "truncated %", "forced exit %",
+                            "text-solvable removed"], rows)
+    rules = [f"- {name}: " + ", ".join(f"{r} {n}" for r, n in s["extraction_rules"].items())
+             for name, s in summary["benchmarks"].items() if s.get("extraction_rules")]
+    if rules:  # how much of each score came from the taught format, and how much from lenient fallbacks
+        table += ("\nAnswers read by rule (samples; lenient: " + ", ".join(rewards.LENIENT_RULES) + "):\n" +
+                  "\n".join(rules) + "\n")
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(f"# {summary['config']['model_name_or_path'] or summary['config']['backend']}\n\n{table}")
     return table
@@ -663,6 +793,9 @@ def main(cfg: Config):
         with open(os.path.join(cfg.output_dir, "summary.json")) as f:
             summary["benchmarks"] = json.load(f)["benchmarks"]
     table = ""
+    # vLLM's per-prompt image limit must fit the largest item of these benchmarks (a pass over the data)
+    image_limit = max([max_images(load_items(b, cfg)) for b in benchmarks] + [1]) \
+        if cfg.backend == "vllm" and cfg.num_engines == 1 else 8
     for bench in benchmarks:
         # ---- 2. Data: convert, then skip what an earlier run already finished -------------------------
         items = load_items(bench, cfg)
@@ -683,7 +816,8 @@ def main(cfg: Config):
                                  tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                                  gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                                  max_model_len=cfg.vllm_max_model_len, seed=cfg.seed,
-                                 kv_cache_memory_bytes=cfg.vllm_kv_cache_memory_bytes)
+                                 kv_cache_memory_bytes=cfg.vllm_kv_cache_memory_bytes,
+                                 max_images_per_prompt=image_limit)
             processor = engine.processor
         vlm = engine is None or engine.is_vlm
         if not vlm and any(it["images"] for it in todo):
@@ -717,7 +851,8 @@ def main(cfg: Config):
         # ---- 7. Summarize from the file, in the data's order, so a resumed run reports the same --------
         done = {r["id"]: r for r in common.read_jsonl(path)[0]}
         records = [done[it["id"]] for it in items if it["id"] in done]
-        summary["benchmarks"][bench] = summarize(records, cfg.num_samples)
+        summary["benchmarks"][bench] = dict(summarize(records, cfg.num_samples), skipped=len(items.skipped),
+                                            skipped_items=items.skipped)
         table = write_reports(summary, cfg.output_dir, cfg.num_samples)  # after each benchmark: partial results
     print(table)
 

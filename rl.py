@@ -116,6 +116,12 @@ class Config:
         metadata={"help": "sequences per transformers `generate` call (hf backend only)"},
     )
     # rewards (the paper: accuracy only)
+    lenient_extraction: bool = field(
+        default=False,
+        metadata={"help": "also reward answers only the lenient fallbacks find (the last number of an "
+                          "unformatted response, a bare letter): evaluation reads them, but RL would then "
+                          "reward answers without the taught <answer> format (paper: off)"},
+    )
     format_reward_weight: float = field(
         default=0.0,
         metadata={"help": "add this x rewards.format_reward (strict "
@@ -371,7 +377,7 @@ def compute_rewards(texts, lengths, row, cfg):
     Add a component here: compute it, add it to `total`, put it in `metrics`."""
     n = len(texts)
     accuracy = rewards.accuracy_reward(texts, [row["answer"]] * n, [row["options"]] * n if row["options"]
-                                       else None)
+                                       else None, lenient=cfg.lenient_extraction)
     if any(a is None for a in accuracy):
         return None, {}
     total, metrics = list(accuracy), {"accuracy": accuracy}
@@ -407,9 +413,7 @@ def normalize_row(raw, i, source, base_dir=""):
     gold = raw.get("answer_idx") if options and raw.get("answer_idx") else raw.get("answer")  # MedQA: the letter
     if gold is None:
         raise ValueError(f"{source}: row {i}: missing field 'answer' (have: {sorted(raw)})")
-    gold = str(gold)
-    if "####" in gold:  # GSM8K's worked answer ends with "#### N"
-        gold = gold.split("####")[-1].strip()
+    gold = rewards.final_answer(gold)  # GSM8K's worked answer ends with "#### N"
     images = raw.get("images") or ([raw["image"]] if raw.get("image") is not None else [])
     images = [os.path.join(base_dir, im) if isinstance(im, str) else im for im in images]
     return {"question": question, "answer": gold, "options": options, "images": images}

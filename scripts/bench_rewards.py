@@ -121,6 +121,11 @@ def main():
     rewards.accuracy_reward(comps[:1024], golds[:1024], opts[:1024])
     dt = time.perf_counter() - t
     print(f"  one RL step (1024 items): {dt * 1000:7.0f} ms")
+    rewards._CACHE.clear()
+    t = time.perf_counter()
+    rewards.accuracy_reward(comps, golds, opts, lenient=True)
+    dt = time.perf_counter() - t
+    print(f"  lenient=True (evaluate.py): {args.n / dt:7.0f} items/s  ({dt:.2f} s)")
 
     # Items the fast path leaves to Math-Verify (rearranged equations, a set against a tuple, e^x...):
     # the worker pool's own throughput.

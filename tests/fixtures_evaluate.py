@@ -90,7 +90,13 @@ def write_fixtures(root: str) -> str:
            {"id": "test_History_11", "question": "Who is on <image 1>?",
             "options": str([f"Person {i}" for i in range(10)]), "explanation": "",
             "image_1": draw("portrait"), **{f"image_{k}": None for k in range(2, 8)}, "img_type": "['Photos']",
-            "answer": "J", "topic_difficulty": "Hard", "subject": "History"}]
+            "answer": "J", "topic_difficulty": "Hard", "subject": "History"},
+           # 7 images, mentioned 35 times (question and options): each goes into the prompt once
+           {"id": "test_Art_12", "question": "Which panel continues " + " ".join(f"<image {k}>" for k in range(1, 8)) + "?",
+            "options": str([" ".join(f"<image {(i + j) % 7 + 1}>" for j in range(3 if i < 8 else 2)) + f" (set {i})"
+                            for i in range(10)]),
+            "explanation": "", **{f"image_{k}": draw(f"panel {k}") for k in range(1, 8)}, "img_type": "['Paintings']",
+            "answer": "C", "topic_difficulty": "Hard", "subject": "Art"}]
     datasets.Dataset.from_list(pro, features=feats).save_to_disk(f"{root}/mmmu_pro_standard")
 
     # MMMU/MMMU_Pro vision test: the question is in the image
@@ -102,7 +108,15 @@ def write_fixtures(root: str) -> str:
     write_jsonl(f"{root}/mmstar.jsonl", [
         {"index": 0, "question": "Which shape is drawn?\nOptions: A: circle, B: square, C: a triangle, D: star",
          "image": image("mmstar0.png", "square"), "answer": "B", "category": "coarse perception",
-         "l2_category": "image style & quality", "meta_info": {"source": "MMBench"}}])
+         "l2_category": "image style & quality", "meta_info": {"source": "MMBench"}},
+        # the MathVista-sourced rows (about a quarter): a hint, then "(A) 40.7" lines; here only 3 options
+        {"index": 1, "question": "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, "
+         "D, at the end.\nQuestion: What is the value of the smallest bar?\nChoices:\n(A) 40.7\n(B) 41.2\n(C) 43.5",
+         "image": image("mmstar1.png", "bars"), "answer": "A", "category": "math", "l2_category": "numeric commonsense",
+         "meta_info": {"source": "MathVista"}},
+        {"index": 2, "question": "Which object is the tallest?\nA. the tree\nB. the house\nC. the tower\nD. the man",
+         "image": image("mmstar2.png", "tower"), "answer": "C", "category": "fine-grained perception",
+         "l2_category": "object counting", "meta_info": {"source": "SEEDBench"}}])
 
     # AI4Math/MathVista testmini, as Parquet with decoded_image as {"bytes", "path"}
     mv = [{"pid": "1", "question": "Which bar is the tallest?", "image": "images/1.jpg",
@@ -153,10 +167,17 @@ def write_fixtures(root: str) -> str:
                     "question": "Is there glaucoma in this fundus image?", "option_A": "No", "option_B": "Yes",
                     "gt_answer": "Yes", "image_path": image("omni.png", "fundus"), "modality_type": "Fundus Photography"}], f)
 
-    # NEJM Image Challenge (community dump): option_A..E, letter answer
+    # NEJM Image Challenge (community dumps): option_A..E, letter answer; most dumps carry no image column,
+    # the image is served by date (IC20230112.jpg): found with --nejm_image_dir, else the item is skipped
+    os.makedirs(f"{root}/nejm_images", exist_ok=True)
+    draw("lesion").save(f"{root}/nejm_images/IC20230112.jpg")
     with open(f"{root}/nejm.json", "w") as f:
         json.dump([{"id": "20230105", "question": "What is the diagnosis?", **{f"option_{L}": f"Disease {L}" for L in "ABCDE"},
-                    "correct_answer": "D", "image": image("nejm.png", "rash")}], f)
+                    "correct_answer": "D", "image": image("nejm.png", "rash")},
+                   {"date": "20230112", "question": "What is the most likely diagnosis?",
+                    **{f"option_{L}": f"Condition {L}" for L in "ABCDE"}, "correct_answer": "B"},
+                   {"date": "20230119", "question": "What is this finding?",
+                    **{f"option_{L}": f"Finding {L}" for L in "ABCDE"}, "correct_answer": "A"}], f)
 
     # HuggingFaceH4/MATH-500 and Idavidrein/gpqa (gpqa_diamond)
     write_jsonl(f"{root}/math500.jsonl", [

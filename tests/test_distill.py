@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT, run_script
 
+import common
 import distill
 import rewards
 
@@ -310,8 +311,8 @@ def test_merge_shards_folds_parts_in_question_order(tmp_path):
     row = lambda q, j: json.dumps({"question_id": q, "sample": j}) + "\n"  # noqa: E731
     done = lambda q: json.dumps({"question_id": q, "kept": 1}) + "\n"  # noqa: E731
     files = {out: (row("0", 0), done("0")),
-             distill.shard_path(out, "0/2"): (row("1", 2), done("1")),
-             distill.shard_path(out, "1/2"): (row("3", 0) + row("2", 1) + row("2", 0) + '{"quest',
+             common.shard_path(out, "0/2"): (row("1", 2), done("1")),
+             common.shard_path(out, "1/2"): (row("3", 0) + row("2", 1) + row("2", 0) + '{"quest',
                                               done("3") + done("2"))}
     for path, (rows, dones) in files.items():
         open(path, "w").write(rows)

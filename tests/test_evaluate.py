@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, run_script
 from fixtures_evaluate import write_fixtures
 
+import common
 import evaluate as ev
 
 
@@ -32,10 +33,10 @@ EXPECTED = {
     "mmmu_health": [("validation_Clinical_Medicine_1", "A", "ABC", "mcq", 2),
                     ("validation_Pharmacy_3", "B", "AB", "mcq", 2)],
     "mmmu_pro_standard": [("test_Pharmacy_10", "D", "ABCDEFGHIJ", "mcq", 1),
-                          ("test_History_11", "J", "ABCDEFGHIJ", "mcq", 1)],
+                          ("test_History_11", "J", "ABCDEFGHIJ", "mcq", 1), ("test_Art_12", "C", "ABCDEFGHIJ", "mcq", 7)],
     "mmmu_pro_vision": [("test_Physics_5", "A", "AB", "mcq", 1)],
     "mmmu_pro_health": [("test_Pharmacy_10", "D", "ABCDEFGHIJ", "mcq", 1)],
-    "mmstar": [("0", "B", "ABCD", "mcq", 1)],
+    "mmstar": [("0", "B", "ABCD", "mcq", 1), ("1", "A", "ABC", "mcq", 1), ("2", "C", "ABCD", "mcq", 1)],
     "mathvista_testmini": [("1", "B", "ABC", "mcq", 1), ("2", "12", None, "math", 1), ("3", "1.25", None, "math", 1)],
     "mathvision": [("1", "C", "ABCDE", "mcq", 1), ("2", "12", None, "math", 1)],
     "medqa": [("0", "E", "ABCDE", "mcq", 0)],
@@ -43,7 +44,7 @@ EXPECTED = {
     "medxpertqa_mm": [("MM-7", "C", "ABCDE", "mcq", 1)],
     "medxpertqa_text": [("Text-3", "H", "ABCDEFGHIJ", "mcq", 0)],
     "omnimedvqa": [("ACRIMA_0001", "B", "AB", "mcq", 1)],
-    "nejm": [("20230105", "D", "ABCDE", "mcq", 1)],
+    "nejm": [("20230105", "D", "ABCDE", "mcq", 1)],  # the two date-only items: no image, skipped
     "math500": [("test/prealgebra/1.json", "\\frac{1}{2}", None, "math", 0)],
     "gpqa_diamond": [("rec06pnAkLOr2t2mp", None, "ABCD", "mcq", 0)],  # gold: wherever the shuffle put it
     "toy_text": [("0", "42", None, "math", 0)],
@@ -70,6 +71,9 @@ def test_converter_details(fixtures):
     assert "N/A" not in load("mmlu_pro")[0]["options"].values()
     assert load("mmstar")[0]["options"] == {"A": "circle", "B": "square", "C": "a triangle", "D": "star"}
     assert "Options:" not in load("mmstar")[0]["question"]
+    star = load("mmstar")  # the "(A) 40.7" rows keep their real options, count and order
+    assert star[1]["options"] == {"A": "40.7", "B": "41.2", "C": "43.5"} and star[1]["question"].endswith("smallest bar?")
+    assert star[2]["options"] == {"A": "the tree", "B": "the house", "C": "the tower", "D": "the man"}
     assert "Answer Choices" not in load("medxpertqa_mm")[0]["question"]
     assert load("mathvista_testmini")[0]["options"]["B"] == "green"  # gold text "green" -> its letter
     assert load("mathvision")[0]["question"].startswith("<image 1>")
@@ -95,6 +99,58 @@ def test_mmmu_images_sit_at_their_placeholders(fixtures):
     assert [c["type"] for c in content] == ["image", "text"]
 
 
+@pytest.mark.parametrize("question,stem,options", [
+    ("Which?\nOptions: A: circle, B: square, C: a triangle", "Which?", {"A": "circle", "B": "square", "C": "a triangle"}),
+    ("Q?\nChoices:\n(A) 40.7\n(B) 41.2", "Q?", {"A": "40.7", "B": "41.2"}),
+    ("Q?\nAnswer Choices: (A) Pneumonia (B) Effusion (C) Mass", "Q?", {"A": "Pneumonia", "B": "Effusion", "C": "Mass"}),
+    ("Q?\nA. U.S. involvement\nB. Y: $9120 yearly\nC. N:M", "Q?", {"A": "U.S. involvement", "B": "Y: $9120 yearly", "C": "N:M"}),
+    ("Options: A. x, B. y, C. z, D. w", "", {"A": "x", "B": "y", "C": "z", "D": "w"}),
+    ("Which vitamin? Vitamin A or vitamin C?", None, None),  # letters in prose are not an option list
+])
+def test_inline_options_in_every_common_shape(question, stem, options):
+    got = ev.inline_options(question)
+    assert got == (None if options is None else (stem, options))
+
+
+def test_nejm_images_by_date_or_an_explicit_counted_skip(fixtures, tmp_path):
+    items = ev.load_items("nejm", ev.Config(data_dir=fixtures))
+    assert [it["id"] for it in items] == ["20230105"] and len(items.skipped) == 2
+    assert "'20230112'" in items.skipped[0] and "'20230119'" in items.skipped[1]
+    found = ev.load_items("nejm", ev.Config(data_dir=fixtures, nejm_image_dir=os.path.join(fixtures, "nejm_images")))
+    assert [it["id"] for it in found] == ["20230105", "20230112"] and len(found[1]["images"]) == 1
+    (tmp_path / "nejm.json").write_text(json.dumps([{"date": "20240101", "question": "q", "option_A": "x",
+                                                     "option_B": "y", "correct_answer": "A"}]))
+    with pytest.raises(ValueError, match="every item lacks its image.*nejm_image_dir"):
+        ev.load_items("nejm", ev.Config(data_dir=str(tmp_path)))
+    rows = [{**{f"image_{k}": None for k in range(1, 8)}, "id": "validation_Art_1", "question": "<image 2> style?",
+             "options": "['a', 'b']", "image_1": None, "answer": "A", "question_type": "multiple-choice"}]
+    (tmp_path / "mmmu_val.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(dict(rows[0], id="validation_Art_2",
+                                                                                            question="No image here?")) + "\n")
+    mmmu = ev.load_items("mmmu_val", ev.Config(data_dir=str(tmp_path)))  # <image 2> but no image_2: skipped
+    assert [it["id"] for it in mmmu] == ["validation_Art_2"] and "image 2" in mmmu.skipped[0]
+
+
+def test_each_image_once_and_the_engine_limit_fits_the_largest_item(fixtures):
+    items = ev.load_items("mmmu_pro_standard", ev.Config(data_dir=fixtures))
+    art = items[2]  # 7 images, 35 mentions
+    text = art["question"] + " ".join(art["options"].values())
+    assert len(art["images"]) == 7 and text.count("<image ") == 35
+    p = ev.build_prompt(art, None)
+    content = json.loads(p["prompt"])
+    assert len(p["images"]) == 7 and sum(c["type"] == "image" for c in content) == 7
+    assert p["images"] == [im for im in art["images"]]  # in the order of their first mention
+    assert sum(c.get("text", "").count("[image ") for c in content) == 28  # later mentions as text
+    assert ev.max_images(items) == 7 and ev.max_images([]) == 0
+    assert max(ev.max_images(ev.load_items(b, ev.Config(data_dir=fixtures))) for b in ev.REGISTRY) == 7
+
+
+def test_option_text_equal_to_the_gold_text_scores_one():
+    opts = {"A": "U.S. involvement in the war", "B": "Y: $9120 yearly", "C": "N:M"}
+    for letter, text in opts.items():
+        assert ev.score([f"<think>t</think><answer>{text}</answer>", f"<think>t</think>\n{text}"], [letter] * 2,
+                        [opts] * 2) == [1.0, 1.0]
+
+
 def test_bad_rows_name_the_file_row_and_field(tmp_path):
     (tmp_path / "gsm8k.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?"}\n')
     with pytest.raises(ValueError, match=r"gsm8k\.jsonl row 1.*'answer'"):
@@ -115,6 +171,20 @@ def test_summarize_by_hand():
     assert s["accuracy"] == 0.5 and s["avg@3"] == pytest.approx(0.5) and s["maj@3"] == 0.5 and s["pass@3"] == 1.0
     assert s["parse_failure_rate"] == pytest.approx(2 / 9)
     assert ev.majority_correct([None, None], [0.0, 0.0]) == 0.0
+
+
+def test_summary_tallies_how_each_answer_was_read():
+    texts = ["<think>t</think><answer>5</answer>", "<think>t</think>so it is \\boxed{5}", "After all that, we get 5 apples.",
+             "<think>never finished"]
+    correct = ev.score(texts, ["5"] * 4, [None] * 4)
+    assert correct == [1.0, 1.0, 1.0, 0.0]  # evaluation reads the harnesses' fallbacks (the last number)
+    rec = {"correct": correct, "responses": texts, "extracted": [None] * 4, "tokens": [1] * 4, "truncated": [False] * 4,
+           "forced_exit": [False] * 4, "extraction_rule": [ev.extraction_rule(t, None) for t in texts]}
+    assert rec["extraction_rule"] == ["tag", "boxed", "last_number", "none"]
+    s = ev.summarize([rec], 4)
+    assert s["extraction_rules"] == {"tag": 1, "boxed": 1, "last_number": 1, "none": 1}
+    assert s["parse_failure_rate"] == 0.25 and s["lenient_rate"] == 0.25 and s["accuracy_lenient_share"] == 0.0
+    assert ev.extraction_rule("Thus (C).", {"A": "x", "B": "y", "C": "z"}) == "marked_letter"
 
 
 # ---- end to end with scripted responses: scores checked against hand-computed values --------------------
@@ -293,7 +363,7 @@ def test_tensor_parallel_size_the_model_cannot_take_is_refused(tmp_path):
         model = tmp_path / name
         model.mkdir()
         (model / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", **config}))
-        ev.check_tensor_parallel(str(model), 4)
+        common.check_tensor_parallel(str(model), 4)
         with pytest.raises(ValueError, match="28 attention heads.*--vllm_tensor_parallel_size 4 --num_engines 2"):
             ev.main(ev.Config(model_name_or_path=str(model), backend="vllm", vllm_tensor_parallel_size=8,
                               benchmarks=["gsm8k"], output_dir=str(tmp_path / "out")))
@@ -302,11 +372,11 @@ def test_tensor_parallel_size_the_model_cannot_take_is_refused(tmp_path):
 def test_shards_cover_every_item_once():
     for n_items in (0, 1, 5, 16):
         for n in (1, 2, 3, 8):
-            blocks = [ev.shard_bounds(f"{i}/{n}", n_items) for i in range(n)]
+            blocks = [common.shard_bounds(f"{i}/{n}", n_items) for i in range(n)]
             assert [p for lo, hi in blocks for p in range(lo, hi)] == list(range(n_items))
-    assert ev.shard_path("out/gsm8k.jsonl", "1/4") == "out/gsm8k.shard-1-of-4.jsonl"
+    assert common.shard_path("out/gsm8k.jsonl", "1/4") == "out/gsm8k.shard-1-of-4.jsonl"
     with pytest.raises(ValueError, match="i/N"):
-        ev.shard_bounds("2/2", 5)
+        common.shard_bounds("2/2", 5)
 
 
 def test_two_engines_merge_to_one_engines_results(fixtures, tmp_path):

@@ -86,6 +86,14 @@ def test_extract_linear_on_huge_text():
     assert time.time() - t < 2.0
 
 
+@pytest.mark.parametrize("big", ["\\[" * 100_000, "$" * 200_000, "$1" * 100_000, "(A) " * 50_000, "A.\n" * 100_000,
+                                 "\\boxed{1}" * 20_000, "the answer is " * 30_000, "Answer: A or " * 30_000, "1," * 100_000])
+def test_lenient_extraction_linear_on_huge_text(big):
+    t = time.time()
+    R.extract(big, lenient=True), R.extract_choice_rule(big, OPTS, lenient=True), R.extract_choice_rule(big, COLORS)
+    assert time.time() - t < 2.0
+
+
 # ---------------------------------------------------------------------------------------------------
 # math: every edge case from the benchmark notes (gold <- prediction), and more
 
@@ -242,6 +250,8 @@ def test_property_random_unicode_never_raises(text, gold):
     R.format_reward([text])
     mathcheck.evaluate(text), R._fast_math(gold, text), mathcheck.tuple_parts(text)
     out = R.accuracy_reward([text, text], [gold, "C"], [None, OPTS])
+    assert out[0] in (0.0, 1.0, None) and out[1] in (0.0, 1.0)
+    out = R.accuracy_reward([text, text], [gold, "C"], [None, OPTS], lenient=True)
     assert out[0] in (0.0, 1.0, None) and out[1] in (0.0, 1.0)
 
 
@@ -403,3 +413,70 @@ def test_works_inside_a_daemonic_process():
     p.start()
     assert q.get(timeout=60) == [1.0]
     p.join(10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the extraction order (issue 14): the last answer, letters in LaTeX / quotes / markdown, cues, hedges
+
+COLORS = ["red", "blue", "green", "yellow"]
+
+
+@pytest.mark.parametrize("text,want,rule", [
+    ("Answer: C, because the nucleus holds DNA.", "C", "cue"), ("The answer is B. Wait, the answer is D.", "D", "cue"),
+    ("\\boxed{\\text{B}}", "B", "boxed"), ("So $\\text{Answer: C}$", "C", "cue"), ("My answer: 'B'", "B", "cue"),
+    ("**Answer:**\n- C", "C", "cue"), ("b.", "B", "letter_line"), ("(b)", "B", "letter_line"), ("d:", "D", "label"),
+    ("<ANSWER>C</ANSWER>", "C", "tag"), ("I choose B", "B", "cue"), ("Option A is correct", "A", "cue"),
+    ("The best option is B)", "B", "cue"), ("(D) Four wheels are visible.", "D", "label"),
+    ("The answer is: **(C) green**", "C", "cue"), ("<think>hm</think>The answer is C<|im_start|>user\nThe answer is A", "C", "cue"),
+    ("\\boxed{C}\nThe answer is correct.", "C", "boxed"),  # a cue after the box must name something
+    ("(A) or (D)", None, None), ("A. red\nB. blue\nC. green\nD. yellow", None, None),  # a hedge, an echoed list
+    ("the ball is not yellow", None, None), ("Answer: B and C", None, "cue"), ("The answer is A or B.", None, "cue"),
+    ("I choose plan B.", None, "cue"), ("The answer is B. Checking again, the answer is correct.", "B", "cue"), ("Answer: Z. Then I pick B.", "B", "cue"), ("Answer: B\nFinal answer: E", None, "cue"),
+])
+def test_extract_choice_order(text, want, rule):
+    assert R.extract_choice_rule(text, COLORS) == (want, rule)
+
+
+@pytest.mark.parametrize("text,want,rule", [
+    ("Thus \\textbf{C}", "C", "marked_letter"), ("The visible count matches (C).", "C", "marked_letter"),
+    ("After checking the diagram, C.", "C", "trailing_letter"), ("Options A, B, C, D", None, None),
+])
+def test_extract_choice_lenient_only(text, want, rule):
+    assert R.extract_choice_rule(text, COLORS, lenient=True) == (want, rule)
+    assert R.extract_choice(text, COLORS) is None  # training reads the taught format and cues only
+
+
+@pytest.mark.parametrize("text,strict,lenient", [
+    ("Final Answer: The final answer is 7.78. I hope it is correct.", ("7.78", "cue"), ("7.78", "cue")),
+    ("Final Answer: The largest $n$ is 34.", ("The largest $n$ is 34", "cue"), ("34", "cue")),
+    ("so we get\n\\[ 9 \\]", (None, None), ("9", "last_math")), ("thus\n$$ 9 $$", (None, None), ("9", "last_math")),
+    ("The total is 7,425,000 dollars.", (None, None), ("7425000", "last_number")),
+    ("Solving it gives P(A) = 2/3. <|im_start|>user\nWhat is 1+1?", (None, None), ("2/3", "last_number")),
+    ("So the answer is 42<|im_start|>user\nwhat is 3?", ("42", "cue"), ("42", "cue")),
+    ("\\boxed{200} so far ... Final Answer: The final answer is $10,455$. I hope it is correct.",
+     ("10455", "cue"), ("10455", "cue")),  # the later answer
+    ("\\boxed{1}, \\boxed{2} and \\boxed{3}", ("1, 2, 3", "boxed"), ("1, 2, 3", "boxed")),  # one answer, as Math-Verify
+    ("So the answer is 42. Let me double-check: yes, the answer is correct.", ("42", "cue"), ("42", "cue")),  # a verdict
+    ("<think>t</think>The answer is 5.</answer>", ("5", "cue"), ("5", "cue")),  # a lone closing tag is read past
+    ("Soucis : 2,74 $ a..", (None, None), ("2.74", "last_number")), ("\\$16,\\!386.20", ("16386.20", "bare_line"), ("16386.20", "bare_line")),
+])
+def test_extract_math_order(text, strict, lenient):
+    assert R.extract(text) == strict and R.extract(text, lenient=True) == lenient
+
+
+def test_lenient_is_evaluation_only():
+    """RL keeps the paper's reward: the last number of an unformatted response earns nothing unless lenient."""
+    text = "She has 16 eggs and eats 3, so she sells 13 for $26."
+    assert R.accuracy_reward([text], ["26"]) == [0.0]
+    assert R.accuracy_reward([text], ["26"], lenient=True) == [1.0]
+    assert R.accuracy_reward(["<think>cut while thinking, maybe 26"], ["26"], lenient=True) == [0.0]
+
+
+@pytest.mark.parametrize("answer,options,gold", [
+    ("U.S. involvement in the war", ["U.S. involvement in the war", "Isolation"], "A"),
+    ("Y: $9120 yearly", ["X: $100 monthly", "Y: $9120 yearly"], "B"), ("N:M", ["1:1", "1:N", "N:M"], "C"),
+])
+def test_option_text_that_looks_like_a_label_scores_one(answer, options, gold):
+    for text in (f"<answer>{answer}</answer>", f"Reasoning first.\n{answer}"):
+        assert R.accuracy_reward([text], [gold], [options], lenient=True) == [1.0]
+    assert R.accuracy_reward([f"<answer>{answer}</answer>"], [gold], [options]) == [1.0]
