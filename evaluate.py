@@ -177,8 +177,9 @@ class Config:
     nejm_image_dir: str | None = field(
         default=None,
         metadata={"help": "NEJM Image Challenge: folder of its images named by the item's date "
-                          "(IC20230105.jpg or 20230105.png), for dumps without an image / image_path "
-                          "column; an item whose image is missing is skipped and counted"},
+                          "(IC20230105.jpg or 20230105.png), for dumps without an image / "
+                          "image_path column; an item whose image is missing is skipped and "
+                          "counted"},
     )
 
 

@@ -118,9 +118,10 @@ class Config:
     # rewards (the paper: accuracy only)
     lenient_extraction: bool = field(
         default=False,
-        metadata={"help": "also reward answers only the lenient fallbacks find (the last number of an "
-                          "unformatted response, a bare letter): evaluation reads them, but RL would then "
-                          "reward answers without the taught <answer> format (paper: off)"},
+        metadata={"help": "also reward answers only the lenient fallbacks find (the last number "
+                          "of an unformatted response, a bare letter): evaluation reads them, but "
+                          "RL would then reward answers without the taught <answer> format "
+                          "(paper: off)"},
     )
     format_reward_weight: float = field(
         default=0.0,
