@@ -397,4 +397,5 @@ def wake_up(engine: Engine, tags: list[str] | None = None) -> None:
     """Take GPU memory back: tags=["weights"] before `sync_weights`, then ["kv_cache"], so the push
     never has the KV cache allocated next to the trainer's gathered tensors. No-op where `sleep` is."""
     if _can_sleep(engine):
+        torch.cuda.empty_cache()  # the trainer's freed activations go back to the GPU, not to its cache
         engine.llm.wake_up(tags=tags)

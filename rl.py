@@ -262,8 +262,11 @@ class Config:
     )
     # vLLM
     vllm_gpu_memory_utilization: float = field(
-        default=0.3,
-        metadata={"help": "GPU memory fraction vLLM may take next to the trainer"},
+        default=0.7,
+        metadata={"help": "GPU memory fraction vLLM takes while it generates (weights + KV "
+                          "cache); the trainer keeps only its fp32 shards then "
+                          "(scripts/memory_plan.py: 0.7 fits the 7B on 8 x 80 GB and on 32 x 40 "
+                          "GB)"},
     )
     vllm_tensor_parallel_size: int = field(
         default=1,
