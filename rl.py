@@ -676,7 +676,7 @@ def step_log(s, maxes, step, lr, grad_norm, t_step):
     return log
 
 
-def load_rows(cfg, processor, tokenizer):
+def load_prompts(cfg, processor, tokenizer):
     """Training rows with their chat prompts; over-long prompts dropped (an image prompt is never cut)."""
     raw, base_dir = common.load_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config)
     rows, dropped = [], 0
@@ -725,7 +725,7 @@ def main(cfg: Config):
     resume_dir = common.resume_dir(cfg.output_dir, cfg.resume)  # refuses an earlier run's folder
     os.makedirs(cfg.output_dir, exist_ok=True)
     processor, tokenizer = generation.load_processor(cfg.model_name_or_path)
-    rows, num_filtered = load_rows(cfg, processor, tokenizer)
+    rows, num_filtered = load_prompts(cfg, processor, tokenizer)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * (len(rows) // cfg.prompts_per_step)
     total_updates, max_images = total_steps * cfg.num_iterations, max(len(r["images"]) for r in rows)
     model = load_policy(cfg.model_name_or_path, cfg, device, world, True, touch_vision=max_images > 0)
