@@ -439,8 +439,69 @@ def is_vlm_checkpoint(path: str) -> bool:
     return hasattr(AutoConfig.from_pretrained(path), "vision_config")
 
 
-def load_model(path: str, device, world_size: int, dtype=torch.float32, attn_implementation=None):
+# Packed rows (several sequences per row, position ids restarting at 0) need attention within each
+# sequence only. transformers turns restarting position ids into a block-diagonal [W, W] mask, and a
+# mask stops sdpa from skipping anything: a row of 8 sequences does all W^2 query-key pairs, 8x what it
+# needs, and on GPUs a mask also rules out sdpa's flash kernel. "sdpa_packed" runs sdpa once per
+# sequence with is_causal (what flash-attention's varlen kernel does, with the kernels sdpa has); any
+# other call (a padding mask, a KV cache: generation) is plain sdpa.
+PACKED_SDPA = "sdpa_packed"
+_SEGMENTS: list = [None, None]  # (position ids, their segments): every layer of a forward reuses them
+
+
+def _segments(position_ids):
+    """[R, W] position ids -> per row the (start, end) of each sequence (a new one wherever the position
+    does not go up by 1, transformers' rule for packed rows)."""
+    if _SEGMENTS[0] is not position_ids:
+        pos = position_ids.reshape(-1, position_ids.shape[-1])
+        new = torch.diff(pos, dim=-1) != 1
+        rows = []
+        for r in range(pos.shape[0]):
+            starts = [0] + (new[r].nonzero().flatten() + 1).tolist() + [pos.shape[-1]]
+            rows.append(list(zip(starts[:-1], starts[1:])))
+        _SEGMENTS[:] = [position_ids, rows]
+    return _SEGMENTS[1]
+
+
+def packed_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """query [R, H, W, D] -> [R, W, H, D]: sdpa per packed sequence; plain sdpa when there is a mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    segments = _segments(position_ids)
+    if all(len(row) == 1 for row in segments):  # one sequence per row: one causal call
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    if len(segments) != query.shape[0]:  # position ids shared by the batch ([1, W])
+        segments = segments * query.shape[0]
+    rows = [torch.cat([sdpa_attention_forward(module, query[r:r + 1, :, s:e], key[r:r + 1, :, s:e],
+                                              value[r:r + 1, :, s:e], None, **kwargs)[0]
+                       for s, e in row], dim=1) for r, row in enumerate(segments)]
+    return torch.cat(rows), None
+
+
+def packed_sdpa_mask(attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, **kwargs):
+    """No [W, W] mask where packed_sdpa works from the position ids (no padding mask, no cache)."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and q_length == kv_length and not isinstance(q_offset, torch.Tensor) \
+            and q_offset == 0 and kv_offset == 0:
+        return None
+    return sdpa_mask(attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, **kwargs)
+
+
+def register_packed_sdpa():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+    AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)
+
+
+def load_model(path: str, device, world_size: int, dtype=torch.float32, attn_implementation=PACKED_SDPA):
     """A causal LM (AutoModelForCausalLM) or VLM (AutoModelForImageTextToText) from a hub id or folder.
+    attn_implementation: PACKED_SDPA (above) unless the model uses sliding-window attention.
 
     One process: real weights in `dtype` on `device`. Several: only rank 0 reads the checkpoint (on
     the CPU); the others build the model on the meta device, and `shard_model` broadcasts rank 0's
@@ -449,6 +510,12 @@ def load_model(path: str, device, world_size: int, dtype=torch.float32, attn_imp
 
     config = AutoConfig.from_pretrained(path)
     cls = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    if attn_implementation == PACKED_SDPA:
+        text = getattr(config, "text_config", config)
+        layer_types = getattr(text, "layer_types", None) or []
+        if getattr(text, "use_sliding_window", False) or "sliding_attention" in layer_types:
+            attn_implementation = "sdpa"  # its mask is not only causal: keep transformers' masks
+        register_packed_sdpa()
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if world_size == 1:
         return cls.from_pretrained(path, dtype=dtype, **kwargs).to(device)

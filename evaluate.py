@@ -29,7 +29,6 @@ on 8 GPUs, 8 engines of 1 GPU beat one engine split 8 ways (which the 7B's 28 he
 
 import ast
 import hashlib
-import io
 import json
 import os
 import random
@@ -43,6 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import common
+from common import open_image
 import rewards
 from generation import Completion, chat_prompt, generate, load_engine
 
@@ -184,33 +184,9 @@ class Config:
 
 
 # ---- Images and options: the small pieces every converter shares ----------------------------------
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = rewards.LETTERS
 HEALTH_SUBJECTS = {"Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine",
                    "Pharmacy", "Public_Health"}  # MMMU's "Health & Medicine" discipline (MMMU-Health)
-
-
-def to_pil(value, base: str):
-    """An image field as a PIL RGB image: a PIL image, datasets' raw {"bytes", "path"}, bytes, or a path
-    (absolute, relative to the data file's folder, or to its `images/` subfolder). None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            value = value["bytes"]
-        elif value.get("path"):
-            value = value["path"]
-        else:
-            return None
-    if isinstance(value, (bytes, bytearray)):
-        value = Image.open(io.BytesIO(value))
-    elif isinstance(value, str):
-        for path in (value, os.path.join(base, value), os.path.join(base, "images", value)):
-            if os.path.isfile(path):
-                value = Image.open(path)
-                break
-        else:
-            raise FileNotFoundError(f"image {value!r} not found (also looked in {base} and {base}/images)")
-    return value.convert("RGB")
 
 
 def lettered(texts) -> dict:
@@ -293,7 +269,7 @@ def convert_mmlu_pro(row, base):  # TIGER-Lab/MMLU-Pro: options list padded with
 
 
 def convert_mmmu(row, base):  # MMMU/MMMU and MMMU_Pro standard: `<image k>` placeholders, options a str list
-    images = [to_pil(row.get(f"image_{k}"), base) for k in range(1, 8)]
+    images = [open_image(row.get(f"image_{k}"), base) for k in range(1, 8)]
     opts = row.get("options") or "[]"
     opts = ast.literal_eval(opts) if isinstance(opts, str) else list(opts)  # literal_eval: data, never code
     gold = row["answer"]
@@ -308,7 +284,7 @@ def convert_mmmu_pro_vision(row, base):  # MMMU_Pro vision: the question and its
     opts = row["options"]
     opts = ast.literal_eval(opts) if isinstance(opts, str) else list(opts)
     question = "<image 1>\nThe question and its options are shown in the image."
-    return make_item(row_id(row, "id"), question, [to_pil(row["image"], base)], lettered(opts),
+    return make_item(row_id(row, "id"), question, [open_image(row["image"], base)], lettered(opts),
                      str(row["answer"]).strip(), "mcq", options_in_image=True)
 
 
@@ -318,12 +294,12 @@ def convert_mmstar(row, base):  # Lin-Chen/MMStar: options inline, "Options: A: 
         raise ValueError(f"question has no option list (looked for 'Options: A: ..', '(A) ..' / 'A. ..' lines): "
                          f"{str(row['question'])[:200]!r}")
     question, options = found
-    return make_item(row_id(row, "index"), question, [to_pil(row.get("image"), base)], options,
+    return make_item(row_id(row, "index"), question, [open_image(row.get("image"), base)], options,
                      str(row["answer"]).strip(), "mcq", needs_image=True)
 
 
 def convert_mathvista(row, base):  # AI4Math/MathVista: multiple-choice gold is the option *text*
-    image = to_pil(row.get("decoded_image") or row.get("image"), base)
+    image = open_image(row.get("decoded_image") or row.get("image"), base)
     if row.get("question_type") == "multi_choice" and row.get("choices"):
         options = lettered(row["choices"])
         return make_item(row_id(row, "pid"), row["question"], [image], options,
@@ -338,7 +314,7 @@ def convert_mathvista(row, base):  # AI4Math/MathVista: multiple-choice gold is 
 
 def convert_mathvision(row, base):  # MathLLMs/MathVision: `<image1>` placeholder, options [] for open
     question = re.sub(r"<image(\d+)>", r"<image \1>", str(row["question"]))
-    image = to_pil(row.get("decoded_image") or row.get("image"), base)
+    image = open_image(row.get("decoded_image") or row.get("image"), base)
     if row.get("options"):
         return make_item(row_id(row, "id"), question, [image], lettered(row["options"]),
                          str(row["answer"]).strip(), "mcq", needs_image=True)
@@ -355,7 +331,7 @@ def convert_medqa(row, base):  # MedQA: options {A: ..} (4-option set) or [{key,
 
 def convert_medxpertqa(row, base):  # TsinghuaC3I/MedXpertQA: options already inside the question text
     question = re.split(r"\n?\s*Answer Choices:", str(row["question"]))[0].strip()
-    images = [to_pil(name, base) for name in (row.get("images") or [])]
+    images = [open_image(name, base) for name in (row.get("images") or [])]
     if row.get("options"):
         options = {k: str(v) for k, v in row["options"].items() if v is not None}
     else:  # only the "Answer Choices: (A) .. (B) .." text
@@ -390,8 +366,8 @@ def convert_option_columns(row, base):  # OmniMedVQA / NEJM dumps: option_A.. co
     else:  # NEJM: a letter; public dumps serve the image by date, not in a column
         gold = str(row.get("correct_answer") or row.get("answer")).strip()
         image = nejm_image(row, base)
-    return make_item(row_id(row, "question_id", "id", "date"), row["question"], [to_pil(image, base)],
-                     options, gold, "mcq", needs_image=True)
+    return make_item(row_id(row, "question_id", "id", "date"), row["question"],
+                     [open_image(image, base)], options, gold, "mcq", needs_image=True)
 
 
 def convert_math500(row, base):  # HuggingFaceH4/MATH-500: problem, answer

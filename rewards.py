@@ -80,6 +80,7 @@ THINK_START, THINK_END = "<think>", "</think>"
 ANSWER_START, ANSWER_END = "<answer>", "</answer>"
 
 TIMEOUT_S = 3.0  # hard limit per math item (parse + verify) in a worker; a timed-out item scores 0
+STARTUP_S = 120.0  # a new worker's own set-up (importing Math-Verify) before the per-item clock starts
 MAX_ANSWER_CHARS = 1000  # longer predicted answers are not sent to sympy (string match only)
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -795,11 +796,25 @@ def _verify_safe(gold: str, pred: str | None):
         return 0.0
 
 
+@functools.cache  # once per process (a forked worker inherits its parent's)
+def _warm_up():
+    """Import Math-Verify and run its lazy set-up."""
+    import math_verify.grader
+    import math_verify.parser
+    # Its "timeout is disabled" warning: we disabled it on purpose and enforce our own (VerifyPool).
+    math_verify.grader.TIMEOUT_WARNING_SHOWN = math_verify.parser.TIMEOUT_WARNING_SHOWN = True
+    for gold, pred in (("1", "2"), ("\\frac{1}{2}", "0.5"), ("\\{1,2\\}", "\\{2,1\\}"), ("y=2x+1", "y=1+2x"),
+                       ("(1,2]", "[1,2]"), ("x^2+\\sqrt{2}", "\\pi")):
+        _verify_item(gold, pred)
+
+
 def _worker_main(conn, inherited):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     for c in inherited:  # pipe ends copied by fork: holding them would hide the parent's exit (EOF)
         c.close()
     parent = os.getppid()
+    _warm_up()
+    conn.send(("ready", None))  # the parent starts an item's clock from here
     while True:
         try:
             while not conn.poll(1.0):
@@ -813,27 +828,28 @@ def _worker_main(conn, inherited):
 
 class VerifyPool:
     """Worker processes running Math-Verify, each item under a hard timeout (the worker is killed and
-    replaced when it runs over). Started lazily, forked (cheap on Linux: math_verify is imported first),
-    reused across calls, closed at exit. One pool per process: safe under torchrun (each rank its own,
-    sized by the cores per rank)."""
+    replaced when it runs over). Forked on first use or by `start_workers()`; each worker imports
+    Math-Verify itself (on another core, while the parent goes on) and says when it is ready, and an
+    item's clock starts from then. Reused across calls, closed at exit. One pool per process: safe under
+    torchrun (each rank its own, sized by the cores per rank)."""
 
     def __init__(self, workers: int | None = None, timeout: float = TIMEOUT_S):
         import multiprocessing as mp
 
-        import math_verify.grader
-        import math_verify.parser
-        # Its "timeout is disabled" warning: we disabled it on purpose and enforce our own (below).
-        math_verify.grader.TIMEOUT_WARNING_SHOWN = math_verify.parser.TIMEOUT_WARNING_SHOWN = True
-        for gold, pred in (("1", "2"), ("\\frac{1}{2}", "0.5"), ("\\{1,2\\}", "\\{2,1\\}"), ("y=2x+1", "y=1+2x"),
-                           ("(1,2]", "[1,2]"), ("x^2+\\sqrt{2}", "\\pi")):
-            _verify_item(gold, pred)  # warm Math-Verify's lazy set-up here, once, before forking workers
         if workers is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             workers = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         self.ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         self.n, self.timeout, self.pid = workers, timeout, os.getpid()
-        self.procs, self.conns = [None] * workers, [None] * workers
+        self.procs, self.conns, self.ready = [None] * workers, [None] * workers, [False] * workers
         self.lock = threading.Lock()
+
+    def start(self, count: int | None = None):
+        """Fork `count` workers (default: all) now; each sets itself up in the background."""
+        with self.lock:
+            for i in range(min(self.n, count or self.n)):
+                if self.procs[i] is None:
+                    self._start(i)
 
     def _start(self, i):
         parent, child = self.ctx.Pipe()
@@ -841,7 +857,7 @@ class VerifyPool:
         p = self.ctx.Process(target=_worker_main, args=(child, inherited), daemon=True)
         p.start()
         child.close()
-        self.procs[i], self.conns[i] = p, parent
+        self.procs[i], self.conns[i], self.ready[i] = p, parent, False
 
     def _kill(self, i):
         p, c = self.procs[i], self.conns[i]
@@ -879,22 +895,27 @@ class VerifyPool:
                         if self._send(i, (k, *items[k])):
                             busy[i] = (k, time.monotonic())
                         else:  # no worker possible (a daemonic process may not have children)
+                            _warm_up()
                             results[k] = _verify_safe(*items[k])  # here, without a hard timeout
                 if not busy:
                     continue
-                next_deadline = min(t for _, t in busy.values()) + self.timeout
+                limit = {i: self.timeout if self.ready[i] else STARTUP_S for i in busy}
+                next_deadline = min(t + limit[i] for i, (_, t) in busy.items())
                 ready = wait([self.conns[i] for i in busy], timeout=max(0.0, next_deadline - time.monotonic()))
                 for i in list(busy):
                     if self.conns[i] in ready:
                         try:
                             k, res = self.conns[i].recv()
+                            if k == "ready":  # set up: the item's clock starts now
+                                self.ready[i], busy[i] = True, (busy[i][0], time.monotonic())
+                                continue
                             results[k] = res
                         except (EOFError, OSError):  # the worker died (e.g. out of memory): a miss
                             self._kill(i)
                         del busy[i]
                 now = time.monotonic()
                 for i, (k, t0) in list(busy.items()):
-                    if now - t0 > self.timeout:
+                    if now - t0 > (self.timeout if self.ready[i] else STARTUP_S):
                         self._kill(i)  # stuck in sympy / C code: kill it, a fresh one starts on demand
                         del busy[i]
         return results
@@ -913,6 +934,13 @@ def get_pool() -> VerifyPool:
     if _POOL is None or _POOL.pid != os.getpid():  # a forked child needs its own workers
         _POOL = VerifyPool()
     return _POOL
+
+
+def start_workers(count: int | None = None):
+    """Fork Math-Verify workers now (default: all), so that their set-up (about a second of imports
+    each) runs on other cores while the caller loads its model. Optional: the first math item that
+    needs a worker starts it otherwise."""
+    get_pool().start(count)
 
 
 def close():

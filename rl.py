@@ -260,6 +260,11 @@ class Config:
         metadata={"help": "tokens per LM-head chunk in the log-probs: memory only, the math is "
                           "the same"},
     )
+    attn_implementation: Literal["sdpa_packed", "sdpa", "eager", "flash_attention_2"] = field(
+        default="sdpa_packed",
+        metadata={"help": "attention kernel. sdpa_packed: sdpa once per packed sequence (no [W, W] "
+                          "mask); flash_attention_2: GPUs with flash-attn installed"},
+    )
     # vLLM
     vllm_gpu_memory_utilization: float = field(
         default=0.7,
@@ -289,7 +294,8 @@ class Config:
     # bookkeeping
     save_steps: int = field(
         default=50,
-        metadata={"help": "checkpoint every this many steps (0 = only the final model)"},
+        metadata={"help": "checkpoint (resumable state) every N steps and at the end (0 = none: "
+                          "only the final model)"},
     )
     save_total_limit: int = field(
         default=2,
@@ -506,8 +512,8 @@ def collate(samples, rows, pad_id, device, placeholders=()):
             if s["vision"]:
                 vision.append(s["vision"])  # row-major: the order of the image tokens in the batch
             t += n
-        pos[r, t:] = torch.arange(W - t)  # padding: a segment of its own
-        rope[:, r, t:] = torch.arange(W - t)
+        pos[r, t:] = torch.arange(n, n + W - t)  # padding continues the last sequence: no real token sees it
+        rope[:, r, t:] = torch.arange(n, n + W - t)
     batch = {"input_ids": ids, "targets": targets, "position_ids": torch.cat([pos[None], rope]) if mrope else pos,
              **{k: v for k, v in per_token.items() if k in ("mask", "advantages", "sampler_logprobs")
                 or any(k in samples[i] for row in rows for i in row)}}
@@ -699,7 +705,8 @@ def load_policy(path, cfg, device, world, trainable, touch_vision=False):
     """An HF model in a LogProbModel, sharded over the processes (FSDP2). trainable=False: the frozen
     reference, kept in bf16 on GPUs (half the memory, as TRL and verl keep it)."""
     bf16 = cfg.bf16 and device.type == "cuda"
-    model = common.load_model(path, device, world, torch.bfloat16 if bf16 and not trainable else torch.float32)
+    model = common.load_model(path, device, world, torch.bfloat16 if bf16 and not trainable else torch.float32,
+                              cfg.attn_implementation)
     if trainable:
         common.freeze_vision(model, cfg.freeze_vision_tower, cfg.freeze_projector)
         if cfg.gradient_checkpointing:
@@ -722,6 +729,7 @@ def main(cfg: Config):
                          "processes")
     per_rank, G, main_proc = cfg.prompts_per_step // world, cfg.num_generations, rank == 0
     torch.manual_seed(cfg.seed)
+    rewards.start_workers()  # the math checkers set themselves up on other cores meanwhile
     resume_dir = common.resume_dir(cfg.output_dir, cfg.resume)  # refuses an earlier run's folder
     os.makedirs(cfg.output_dir, exist_ok=True)
     processor, tokenizer = generation.load_processor(cfg.model_name_or_path)
@@ -852,9 +860,10 @@ def main(cfg: Config):
                                    {"step": step + 1, "config": asdict(cfg)}, cfg.save_total_limit,
                                    getattr(torch, cfg.save_dtype))
 
-    common.save_checkpoint(cfg.output_dir, total_steps, model, optimizer, processor,
-                           {"step": total_steps, "config": asdict(cfg)}, cfg.save_total_limit,
-                           getattr(torch, cfg.save_dtype))
+    if cfg.save_steps > 0:  # the resumable state at the end too
+        common.save_checkpoint(cfg.output_dir, total_steps, model, optimizer, processor,
+                               {"step": total_steps, "config": asdict(cfg)}, cfg.save_total_limit,
+                               getattr(torch, cfg.save_dtype))
     common.save_pretrained(cfg.output_dir, policy, processor, getattr(torch, cfg.save_dtype))
     common.print0(f"rl.py: saved the policy to {cfg.output_dir}")
     tracker.close()

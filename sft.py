@@ -193,9 +193,10 @@ class Config:
         metadata={"help": "tokens per LM-head chunk in the loss: memory only, the math is "
                           "unchanged"},
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
-        default="sdpa",
-        metadata={"help": "attention kernel (flash_attention_2: GPUs with flash-attn installed)"},
+    attn_implementation: Literal["sdpa_packed", "sdpa", "eager", "flash_attention_2"] = field(
+        default="sdpa_packed",
+        metadata={"help": "attention kernel. sdpa_packed: sdpa once per packed sequence (no [W, W] "
+                          "mask); flash_attention_2: GPUs with flash-attn installed"},
     )
     seed: int = field(
         default=0,
@@ -347,8 +348,9 @@ def tokenize_example(messages, images, processor, tokenizer, header, end_id, rop
 # Batching: pack examples into rows with per-example position ids
 # ----------------------------------------------------------------------------------------------------------------
 def collate(examples: list[dict], rows: list[list[int]], pad_id: int, mrope: bool) -> dict:
-    """Rows of examples -> model inputs. Padding fills each row's tail as its own segment (positions restart
-    at 0, targets -100), so packed and padded batches take the same attention-isolation path."""
+    """Rows of examples -> model inputs. Padding fills each row's tail and continues its last example's
+    positions (targets -100): causal attention never lets a real token see it, and a row of one example
+    stays one sequence (one causal attention call, no mask)."""
     width = max(sum(len(examples[i]["ids"]) for i in row) for row in rows)
     R = len(rows)
     input_ids = torch.full((R, width), pad_id, dtype=torch.long)
@@ -367,8 +369,8 @@ def collate(examples: list[dict], rows: list[list[int]], pad_id: int, mrope: boo
             images += ex["images"]  # row-major order = the order of image tokens in the flattened batch
             t += n
         real += t
-        text_pos[r, t:] = torch.arange(width - t)
-        rope_pos[:, r, t:] = torch.arange(width - t)
+        text_pos[r, t:] = torch.arange(n, n + width - t)
+        rope_pos[:, r, t:] = torch.arange(n, n + width - t)
     batch = {"input_ids": input_ids, "targets": targets, "images": images,
              "padding_fraction": 1 - real / (R * width), "tokens": real}
     # Qwen2.5-VL: [4, R, width] = text positions (mark the example boundaries) + the three M-RoPE rows

@@ -87,3 +87,39 @@ def test_token_logprobs_equal_full_logits_within_1e5():
         torch.testing.assert_close(ent, ref_ent, atol=5e-5, rtol=1e-5)  # a diagnostic, fp32 sums
         for a, b in zip(torch.autograd.grad(lp.sum(), [h, w]), g_ref):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_sdpa_equals_separate_sequences_and_masked_sdpa(tiny_vl_dir):
+    """sdpa_packed (sdpa once per packed sequence, no [W, W] mask): logits and gradients of packed rows
+    equal each sequence run alone and transformers' block-diagonal-mask sdpa; padding that continues the
+    last sequence's positions changes no real token; generation (padding mask, KV cache) is plain sdpa."""
+    def load(impl):
+        torch.manual_seed(0)
+        return common.load_model(tiny_vl_dir, torch.device("cpu"), 1, torch.float32, impl)
+
+    packed, masked = load(common.PACKED_SDPA), load("sdpa")
+    assert packed.config.text_config._attn_implementation == common.PACKED_SDPA
+    torch.manual_seed(1)
+    lengths = [[5, 9, 3], [7, 6]]  # row 1: two sequences + 4 padding tokens continuing the last one
+    W = 17
+    ids = torch.randint(20, 300, (2, W))
+    text = torch.tensor([sum((list(range(n)) for n in row), []) for row in [[5, 9, 3], [7, 10]]])
+    pos = torch.cat([text[None], text[None].expand(3, -1, -1)])  # [4, R, W]: text + M-RoPE rows
+    out = {}
+    for name, model in (("packed", packed), ("masked", masked)):
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        grad = torch.autograd.grad(logits[:, :, :50].square().sum(),
+                                   model.model.language_model.layers[0].self_attn.q_proj.weight)[0]
+        out[name] = (logits.detach(), grad)
+    torch.testing.assert_close(out["packed"][0], out["masked"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["packed"][1], out["masked"][1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for r, row in enumerate(lengths):
+            t = 0
+            for n in row:
+                alone = masked(input_ids=ids[r:r + 1, t:t + n], use_cache=False).logits[0]
+                torch.testing.assert_close(out["packed"][0][r, t:t + n], alone, atol=1e-5, rtol=0)
+                t += n
+        prompt, mask = ids[:, :6], torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+        kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(packed.generate(input_ids=prompt, **kwargs), masked.generate(input_ids=prompt, **kwargs))

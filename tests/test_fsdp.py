@@ -118,6 +118,7 @@ def test_rl_packed_and_two_processes_equal_the_padded_path(tiny_vl_dir, tmp_path
     torchrun(*args, "--output_dir", two, port=29543)
     ref = read_log(padded)
     assert any(r["grad_norm"] > 1e-3 for r in ref) and any(r["kl"] > 0 for r in ref), ref
+    assert not [d for d in os.listdir(padded) if d.startswith("checkpoint")]  # --save_steps 0: the model only
     for out in (packed, two):
         for a, b in zip(ref, read_log(out), strict=True):
             assert a["reward_mean"] == b["reward_mean"] and a["train_tokens"] == b["train_tokens"], (a, b)
