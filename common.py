@@ -323,8 +323,14 @@ class LogProbModel(torch.nn.Module):
     def __init__(self, model, chunk_size: int = 512, touch_vision: bool = False):
         super().__init__()
         self.model, self.chunk_size, self.touch_vision = model, chunk_size, touch_vision
+        self.mrope = hasattr(getattr(model, "model", model), "get_rope_index")  # Qwen2-VL / 2.5-VL
 
     def forward(self, targets, temperature: float = 1.0, with_entropy: bool = False, **inputs):
+        pos = inputs.get("position_ids")
+        if self.mrope and pos is not None and pos.ndim == 2:
+            # M-RoPE models read 2-D position ids as the rotary rows only and then see no sequence
+            # boundaries (packed sequences would attend to each other): the text positions go first
+            inputs["position_ids"] = pos[None].expand(4, -1, -1)
         hidden = self.model.model(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
         want = targets != -100  # [B, T]
         head = self.model.get_output_embeddings().weight  # [V, H]
@@ -445,22 +451,54 @@ def is_vlm_checkpoint(path: str) -> bool:
 # needs, and on GPUs a mask also rules out sdpa's flash kernel. "sdpa_packed" runs sdpa once per
 # sequence with is_causal (what flash-attention's varlen kernel does, with the kernels sdpa has); any
 # other call (a padding mask, a KV cache: generation) is plain sdpa.
+# It also reads one layout transformers' masks cannot: a shared prompt. A sequence whose positions
+# start at p > 0 continues the first p tokens of the row's last sequence that started at 0, so GRPO
+# lays a group's prompt out once and its other completions attend to that copy (rl.py collate).
 PACKED_SDPA = "sdpa_packed"
 _SEGMENTS: list = [None, None]  # (position ids, their segments): every layer of a forward reuses them
 
 
 def _segments(position_ids):
-    """[R, W] position ids -> per row the (start, end) of each sequence (a new one wherever the position
-    does not go up by 1, transformers' rule for packed rows)."""
+    """[R, W] position ids -> per row (start, end, prefix start, prefix length) of each sequence: a new
+    one wherever the position does not go up by 1 (transformers' rule for packed rows); a sequence
+    starting at position p > 0 has as prefix the first p columns of the last one that started at 0."""
     if _SEGMENTS[0] is not position_ids:
         pos = position_ids.reshape(-1, position_ids.shape[-1])
         new = torch.diff(pos, dim=-1) != 1
+        first = pos[:, 0].tolist()
         rows = []
         for r in range(pos.shape[0]):
-            starts = [0] + (new[r].nonzero().flatten() + 1).tolist() + [pos.shape[-1]]
-            rows.append(list(zip(starts[:-1], starts[1:])))
+            starts = [0] + (new[r].nonzero().flatten() + 1).tolist()
+            at = pos[r, starts].tolist() if len(starts) > 1 else [first[r]]
+            row, base = [], None
+            for k, s in enumerate(starts):
+                e = starts[k + 1] if k + 1 < len(starts) else pos.shape[-1]
+                if at[k] == 0 or base is None:
+                    base = s if at[k] == 0 else None
+                    row.append((s, e, 0, 0))
+                else:
+                    row.append((s, e, base, min(at[k], s - base)))
+            rows.append(row)
         _SEGMENTS[:] = [position_ids, rows]
     return _SEGMENTS[1]
+
+
+def _segment_attention(module, query, key, value, r, seg, **kwargs):
+    """One sequence of row r: causal sdpa, after its shared prefix if it has one -> [1, L, H, D]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    s, e, base, p = seg
+    q, k, v = query[r:r + 1, :, s:e], key[r:r + 1, :, s:e], value[r:r + 1, :, s:e]
+    if not p:
+        return sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+    if p < e - s:  # a short prefix: one causal call over prefix + sequence (p^2 / 2 pairs more, no mask)
+        q, k, v = (torch.cat([t[r:r + 1, :, base:base + p], t[r:r + 1, :, s:e]], dim=2) for t in (query, key, value))
+        return sdpa_attention_forward(module, q, k, v, None, **kwargs)[0][:, p:]
+    k = torch.cat([key[r:r + 1, :, base:base + p], k], dim=2)
+    v = torch.cat([value[r:r + 1, :, base:base + p], v], dim=2)
+    mask = torch.ones(e - s, p + e - s, dtype=torch.bool, device=q.device)  # the prefix, then causal
+    mask[:, p:] = torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril()
+    return sdpa_attention_forward(module, q, k, v, mask[None, None], **kwargs)[0]
 
 
 def packed_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
@@ -470,13 +508,12 @@ def packed_sdpa(module, query, key, value, attention_mask, position_ids=None, **
     if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     segments = _segments(position_ids)
-    if all(len(row) == 1 for row in segments):  # one sequence per row: one causal call
+    if all(len(row) == 1 and not row[0][3] for row in segments):  # one sequence per row: one causal call
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     if len(segments) != query.shape[0]:  # position ids shared by the batch ([1, W])
         segments = segments * query.shape[0]
-    rows = [torch.cat([sdpa_attention_forward(module, query[r:r + 1, :, s:e], key[r:r + 1, :, s:e],
-                                              value[r:r + 1, :, s:e], None, **kwargs)[0]
-                       for s, e in row], dim=1) for r, row in enumerate(segments)]
+    rows = [torch.cat([_segment_attention(module, query, key, value, r, seg, **kwargs) for seg in row], dim=1)
+            for r, row in enumerate(segments)]
     return torch.cat(rows), None
 
 

@@ -21,8 +21,11 @@ One step, as the numbered sections of the loop read:
   6. push the new weights into vLLM (the hf backend generates with the policy itself);
   7. log (log.jsonl, tqdm, wandb/tensorboard); 8. save an atomic checkpoint (`--resume` continues).
 
-What this leaves out of a full GRPO trainer: sequence packing of the loss pass (micro-batches are padded),
-asynchronous generation, and a value model (GRPO has none by design).
+The passes over the step's samples (reference, old policy, loss) are padding-free: sequences packed
+into rows and micro-batches of `micro_batch_tokens`, each group's prompt laid out once per row
+(`share_prompts`), attention run per sequence (common.packed_sdpa); every rank runs as many passes.
+What this leaves out of a full GRPO trainer: asynchronous generation, and a value model (GRPO has
+none by design).
 
 Several processes (torchrun or `accelerate launch`) shard the policy and the bf16 reference with
 FSDP2; the log-probs never build [tokens, vocab] logits (common.token_logprobs, 512-token chunks).
@@ -168,6 +171,11 @@ class Config:
     micro_batch_tokens: int = field(
         default=10240,
         metadata={"help": "packing: tokens (padding included) per forward/backward on a rank"},
+    )
+    share_prompts: bool = field(
+        default=True,
+        metadata={"help": "packing with sdpa_packed: a group's prompt laid out once per row, its "
+                          "completions attending to that copy. Speed only, the math is the same"},
     )
     micro_batch_size: int = field(
         default=2,
@@ -452,20 +460,51 @@ def step_prompt_indices(step, num_rows, prompts_per_step, seed):
     return order[pos * prompts_per_step:(pos + 1) * prompts_per_step]
 
 
+def shared_prompts(samples, cfg) -> bool:
+    """Whether the loss pass lays each group's prompt out once per row (only sdpa_packed reads that)."""
+    return (cfg.packing and cfg.share_prompts and cfg.attn_implementation == common.PACKED_SDPA
+            and all(s.get("group") is not None for s in samples))
+
+
+def _shares(samples, row, k, share):
+    """Whether row[k] continues the prompt of row[k - 1] (same group) instead of repeating it."""
+    return share and k > 0 and samples[row[k]]["group"] == samples[row[k - 1]]["group"]
+
+
+def _row_width(samples, row, share):
+    return sum(len(samples[i]["completion_ids"]) + (1 if _shares(samples, row, k, share) else
+                                                    len(samples[i]["prompt_ids"])) for k, i in enumerate(row))
+
+
 def microbatches(samples, cfg):
     """Split the step's samples into micro-batches of rows (lists of sample indices).
     packing: sequences bin-packed (first-fit decreasing) into rows no longer than the step's longest
     sequence, rows grouped into micro-batches of at most `micro_batch_tokens` tokens (padding included),
-    so a step needs as few forward/backward passes as its tokens require. Otherwise: one sequence per
-    row, `micro_batch_size` rows per micro-batch, in sample order (the padded path)."""
+    so a step needs as few forward/backward passes as its tokens require. With shared prompts the
+    packed units are runs of one group's samples (one prompt copy each, rows up to micro_batch_tokens).
+    Otherwise: one sequence per row, `micro_batch_size` rows per micro-batch, in sample order (the
+    padded path)."""
     lengths = [len(s["prompt_ids"]) + len(s["completion_ids"]) for s in samples]
     if not cfg.packing:
         rows = [[i] for i in range(len(samples))]
         return [rows[i:i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
-    rows = sorted(common.pack_rows(lengths, max(lengths)), key=lambda r: -sum(lengths[i] for i in r))
+    share = shared_prompts(samples, cfg)
+    if share:
+        cap, units = max(max(lengths), cfg.micro_batch_tokens), []
+        for i in range(len(samples)):  # a group's samples are consecutive
+            if units and samples[units[-1][-1]]["group"] == samples[i]["group"] and \
+                    _row_width(samples, units[-1] + [i], True) <= cap:
+                units[-1].append(i)
+            else:
+                units.append([i])
+        packed = common.pack_rows([_row_width(samples, u, True) for u in units], cap)
+        rows = [[i for u in row for i in units[u]] for row in packed]
+    else:
+        rows = common.pack_rows(lengths, max(lengths))
+    rows.sort(key=lambda row: -_row_width(samples, row, share))
     mbs, widest = [], 0
     for row in rows:  # widest rows first: a micro-batch's rows pad to its first row's width
-        width = sum(lengths[i] for i in row)
+        width = _row_width(samples, row, share)
         if mbs and (len(mbs[-1]) + 1) * widest <= cfg.micro_batch_tokens:
             mbs[-1].append(row)
         else:
@@ -474,15 +513,18 @@ def microbatches(samples, cfg):
     return mbs
 
 
-def collate(samples, rows, pad_id, device, placeholders=()):
+def collate(samples, rows, pad_id, device, placeholders=(), share_prompts=False):
     """Rows of samples (prompt + completion, each with position ids from 0) -> model inputs.
 
     Everything per token is laid out [R, W] at the column whose logits predict it: completion token j
     of a sample starting at column t with a prompt of P tokens sits at t + P - 1 + j (targets, mask,
     advantages, sampler / old / reference log-probs; 0 / -100 elsewhere). Qwen2.5-VL gets 4-row
     position ids [4, R, W] (text positions, which mark the sequence boundaries, + the 3 M-RoPE rows).
+    share_prompts: a sample right after one of its group lays out only its prompt's last token and its
+    completion, at positions P - 1, P, ...; common.packed_sdpa lets it attend to the first P - 1
+    tokens of the earlier copy (the prompt), so its completion token j sits at t + j.
     `placeholders`: image/video token ids; one sampled inside a completion is fed as padding."""
-    W = max(sum(len(samples[i]["prompt_ids"]) + len(samples[i]["completion_ids"]) for i in row) for row in rows)
+    W = max(_row_width(samples, row, share_prompts) for row in rows)
     R = len(rows)
     ids = torch.full((R, W), pad_id, dtype=torch.long)
     targets = torch.full((R, W), -100, dtype=torch.long)
@@ -494,26 +536,28 @@ def collate(samples, rows, pad_id, device, placeholders=()):
     vision, spans = [], []
     for r, row in enumerate(rows):
         t = 0
-        for i in row:
+        for k, i in enumerate(row):
             s = samples[i]
             p, c = s["prompt_ids"], s["completion_ids"]
-            n = len(p) + len(c)
-            ids[r, t:t + n] = torch.tensor(p + [pad_id if x in placeholders else x for x in c])
-            pos[r, t:t + n] = torch.arange(n)
-            rope[:, r, t:t + n] = s["rope"] if s.get("rope") is not None else torch.arange(n)
-            cols = slice(t + len(p) - 1, t + n - 1)  # the columns predicting the completion's tokens
+            skip = len(p) - 1 if _shares(samples, row, k, share_prompts) else 0  # prompt tokens already there
+            n = len(p) + len(c) - skip
+            ids[r, t:t + n] = torch.tensor(p[skip:] + [pad_id if x in placeholders else x for x in c])
+            pos[r, t:t + n] = torch.arange(skip, skip + n)
+            rope[:, r, t:t + n] = s["rope"][:, skip:] if s.get("rope") is not None else torch.arange(skip, skip + n)
+            cols = slice(t + len(p) - 1 - skip, t + n - 1)  # the columns predicting the completion's tokens
             spans.append((i, r, cols))
             targets[r, cols] = torch.tensor(c)
             per_token["mask"][r, cols] = torch.tensor(s["loss_mask"], dtype=torch.float32)
             per_token["advantages"][r, cols] = s["advantage"]
-            for k in ("sampler_logprobs", "old_logprobs", "ref_logprobs"):
-                if k in s:
-                    per_token[k][r, cols] = torch.as_tensor(s[k], dtype=torch.float32)
-            if s["vision"]:
+            for key in ("sampler_logprobs", "old_logprobs", "ref_logprobs"):
+                if key in s:
+                    per_token[key][r, cols] = torch.as_tensor(s[key], dtype=torch.float32)
+            if s["vision"] and not skip:
                 vision.append(s["vision"])  # row-major: the order of the image tokens in the batch
             t += n
-        pos[r, t:] = torch.arange(n, n + W - t)  # padding continues the last sequence: no real token sees it
-        rope[:, r, t:] = torch.arange(n, n + W - t)
+        end = skip + n  # padding continues the last sequence: no real token sees it
+        pos[r, t:] = torch.arange(end, end + W - t)
+        rope[:, r, t:] = torch.arange(end, end + W - t)
     batch = {"input_ids": ids, "targets": targets, "position_ids": torch.cat([pos[None], rope]) if mrope else pos,
              **{k: v for k, v in per_token.items() if k in ("mask", "advantages", "sampler_logprobs")
                 or any(k in samples[i] for row in rows for i in row)}}
@@ -603,7 +647,8 @@ def make_samples(groups, cfg, processor, tokenizer, placeholders, rope_index=Non
             samples.append({"prompt_ids": prompt_ids, "vision": vision, "rope": rope,
                             "completion_ids": list(c.token_ids) or [tokenizer.pad_token_id],
                             "loss_mask": mask or [0], "advantage": advantages[gi * G + j],
-                            "sampler_logprobs": list(c.logprobs or [0.0] * len(c.token_ids)) or [0.0]})
+                            "sampler_logprobs": list(c.logprobs or [0.0] * len(c.token_ids)) or [0.0],
+                            "group": gi})
     return samples
 
 
@@ -797,8 +842,13 @@ def main(cfg: Config):
         samples = make_samples(groups, cfg, processor, tokenizer, placeholders, rope_index)
         # the token-level mean runs over every masked token of the step, on every rank
         step_tokens = common.all_reduce([sum(sum(s["loss_mask"]) for s in samples)])[0]
-        batches = [collate(samples, rows_, tokenizer.pad_token_id, device, placeholders)
+        share = shared_prompts(samples, cfg)
+        batches = [collate(samples, rows_, tokenizer.pad_token_id, device, placeholders, share)
                    for rows_ in microbatches(samples, cfg)]  # per token: [R, W] in collate's layout
+        # every rank runs the same number of passes (under FSDP2 each is a collective): a rank with fewer
+        # repeats its last micro-batch with the loss mask zeroed (it trains nothing)
+        passes = int(common.all_reduce([len(batches)], op="max")[0])
+        batches += [{**batches[-1], "mask": torch.zeros_like(batches[-1]["mask"])}] * (passes - len(batches))
 
         # ==== 4. log-probs before the update: the old policy (several updates only), the reference ====
         with torch.no_grad(), amp:

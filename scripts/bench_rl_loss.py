@@ -14,7 +14,9 @@ float32, once per path, the paths alternating:
   padded: the same rows, padding continuing the row's sequence instead: no mask, one causal call
           (rl.py --packing False);
   packed: sequences bin-packed into rows, micro-batches of --micro_batch_tokens, attention
-          "sdpa_packed" (sdpa once per sequence, common.py): rl.py's default path;
+          "sdpa_packed" (sdpa once per sequence, common.py) (rl.py --share_prompts False);
+  shared: packed, and each group's prompt laid out once per row, its completions attending to that
+          copy (rl.py's default path);
   packed_mask: the same micro-batches with transformers' sdpa, which turns the restarting position
           ids into one block-diagonal [W, W] mask per row (what packing costs without sdpa_packed);
   sorted: one sequence per row, rows sorted by length, micro-batches of --micro_batch_tokens (less
@@ -24,8 +26,9 @@ float32, once per path, the paths alternating:
 included; sum of L^2 per sequence with sdpa_packed) over the causal pairs the step needs (sum of
 L^2 / 2): a mask never lets the kernel skip work.
 
-Padding fraction = padded slots / all slots the decoder runs; tokens/s = real (prompt + completion)
-tokens / seconds of forward + backward. The loss and every gradient of the packed and sorted paths
+Padding fraction = padded slots / all slots the decoder runs; tokens/s = the step's sequence tokens
+(prompt + completion of every sample, a shared prompt counted for each of its completions) / seconds
+of forward + backward. The loss and every gradient of the packed and sorted paths
 must equal the padded path's within --tol.
 """
 
@@ -55,7 +58,7 @@ def make_samples(n, vocab, seed, max_completion, group_size=8):
             c = min(max(int(rng.lognormvariate(math.log(900), 0.8)), 200), max_completion)
             samples.append({
                 "prompt_ids": prompt, "completion_ids": [rng.randrange(3, vocab) for _ in range(c)],
-                "loss_mask": [1] * c, "advantage": rng.gauss(0, 1), "vision": {}, "rope": None,
+                "loss_mask": [1] * c, "advantage": rng.gauss(0, 1), "vision": {}, "rope": None, "group": g,
                 "sampler_logprobs": [0.0] * c, "ref_logprobs": [-rng.uniform(1, 3) for _ in range(c)]})
     return samples
 
@@ -93,15 +96,16 @@ def attention_area(samples, mbs, masked):
     return done / sum(length(i) ** 2 / 2 for i in range(len(samples)))
 
 
-def loss_pass(model, samples, mbs, step_tokens, beta, padding_mask=False):
-    """Forward + backward of the whole step, as rl.py's loop does it -> (loss, seconds, slots).
+def loss_pass(model, samples, mbs, step_tokens, beta, padding_mask=False, share=False):
+    """Forward + backward of the whole step, as rl.py's loop does it -> (loss, seconds, slots, padding).
     padding_mask: a [R, W] attention mask over the padding instead of position ids (the padded path
     before packing: transformers then builds a [R, 1, W, W] mask, and sdpa computes every pair)."""
     model.zero_grad(set_to_none=True)
-    total, slots, t0 = 0.0, 0, time.perf_counter()
+    total, slots, laid, t0 = 0.0, 0, 0, time.perf_counter()
     for rows in mbs:
-        batch = rl.collate(samples, rows, 0, torch.device("cpu"))
+        batch = rl.collate(samples, rows, 0, torch.device("cpu"), share_prompts=share)
         slots += batch["input_ids"].numel()
+        laid += sum(rl._row_width(samples, row, share) for row in rows)
         if padding_mask:
             real = [sum(len(samples[i]["prompt_ids"]) + len(samples[i]["completion_ids"]) for i in row) for row in rows]
             mask = (torch.arange(batch["input_ids"].shape[1])[None] < torch.tensor(real)[:, None]).long()
@@ -113,7 +117,7 @@ def loss_pass(model, samples, mbs, step_tokens, beta, padding_mask=False):
                                  ref_logprobs=batch["ref_logprobs"], beta=beta)
         loss.backward()
         total += loss.item()
-    return total, time.perf_counter() - t0, slots
+    return total, time.perf_counter() - t0, slots, 1 - laid / slots
 
 
 def main():
@@ -128,8 +132,9 @@ def main():
     p.add_argument("--micro_batch_tokens", type=int, default=None,
                    help="packed / sorted paths: tokens per pass (default: micro_batch_size x (max_completion + 300),"
                         " what a padded micro-batch can hold)")
-    p.add_argument("--paths", default="padded_mask,padded,packed,packed_mask,sorted",
-                   help="comma-separated, from padded_mask, padded, packed, packed_mask, sorted")
+    p.add_argument("--paths", default="padded,padded_mask,packed,shared,packed_mask,sorted",
+                   help="comma-separated, from padded, padded_mask, packed, shared, packed_mask, sorted; "
+                        "speed-ups are against the first")
     p.add_argument("--reps", type=int, default=2, help="timed repetitions of each path (alternating)")
     p.add_argument("--beta", type=float, default=0.01)
     p.add_argument("--tol", type=float, default=1e-5)
@@ -155,7 +160,10 @@ def main():
           f"{torch.get_num_threads()} thread(s); packed / sorted budget {budget} tokens per pass")
 
     mbs = {"padded": rl.microbatches(samples, SimpleNamespace(packing=False, micro_batch_size=args.micro_batch_size)),
-           "packed": rl.microbatches(samples, SimpleNamespace(packing=True, micro_batch_tokens=budget)),
+           "packed": rl.microbatches(samples, SimpleNamespace(packing=True, micro_batch_tokens=budget,
+                                                              share_prompts=False)),
+           "shared": rl.microbatches(samples, SimpleNamespace(packing=True, micro_batch_tokens=budget,
+                                                              share_prompts=True, attn_implementation=common.PACKED_SDPA)),
            "sorted": sorted_microbatches(samples, budget)}
     paths = args.paths.split(",")
     mbs["packed_mask"], mbs["padded_mask"] = mbs["packed"], mbs["padded"]
@@ -163,22 +171,23 @@ def main():
     for rep in range(args.reps):
         for name in paths if rep % 2 == 0 else paths[::-1]:  # alternate, so drift in load hits both
             model.model.set_attn_implementation("sdpa" if name == "packed_mask" else common.PACKED_SDPA)
-            loss, sec, slots = loss_pass(model, samples, mbs[name], step_tokens, args.beta, name == "padded_mask")
+            loss, sec, slots, padding = loss_pass(model, samples, mbs[name], step_tokens, args.beta,
+                                                  name == "padded_mask", name == "shared")
             times[name].append(sec)
-            results[name] = (loss, slots, {n: q.grad.clone() for n, q in model.named_parameters()})
+            results[name] = (loss, slots, padding, {n: q.grad.clone() for n, q in model.named_parameters()})
             print(f"  rep {rep + 1} {name}: {sec:.1f} s")
 
     base = paths[0]
-    print(f"\n{'path':10} {'passes':>6} {'slots':>8} {'padding':>8} {'attn area':>9} {'best s':>7} {'tok/s':>7} "
+    print(f"\n{'path':11} {'passes':>6} {'slots':>8} {'padding':>8} {'attn area':>9} {'best s':>7} {'tok/s':>7} "
           f"{'speed-up':>8}  "
           f"loss / max grad diff vs {base}")
     for name in paths:
-        loss, slots, grads = results[name]
+        loss, slots, padding, grads = results[name]
         best = min(times[name])
-        diff = max((grads[n] - results[base][2][n]).abs().max().item() for n in grads)
+        diff = max((grads[n] - results[base][3][n]).abs().max().item() for n in grads)
         ok = abs(loss - results[base][0]) <= args.tol and diff <= args.tol
-        area = attention_area(samples, mbs[name], masked=name.endswith("_mask"))
-        print(f"{name:10} {len(mbs[name]):6d} {slots:8d} {1 - real / slots:8.1%} {area:9.2f} {best:7.1f} {real / best:7.0f} "
+        area = "-" if name == "shared" else f"{attention_area(samples, mbs[name], masked=name.endswith('_mask')):.2f}"
+        print(f"{name:11} {len(mbs[name]):6d} {slots:8d} {padding:8.1%} {area:>9} {best:7.1f} {real / best:7.0f} "
               f"{min(times[base]) / best:7.2f}x  {loss - results[base][0]:+.1e} / {diff:.1e} {'ok' if ok else 'FAIL'}")
 
 

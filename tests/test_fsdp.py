@@ -31,12 +31,13 @@ import os, sys, torch
 sys.path.insert(0, sys.argv[2])
 import common
 rank, world, device = common.init_distributed()
+say = lambda msg: os.write(1, (msg + "\n").encode())  # one write: the two ranks' lines never interleave
 model = common.load_model(sys.argv[1], device, world)
 common.freeze_vision(model)
 n_all = sum(p.numel() for p in model.parameters())
 wrapper = common.shard_model(common.LogProbModel(model), device, world, bf16=sys.argv[3] == "bf16")
 local = sum(p.to_local().numel() for p in wrapper.parameters())
-print(f"rank {rank} holds {local / n_all:.3f} of {n_all}", flush=True)
+say(f"rank {rank} holds {local / n_all:.3f} of {n_all}")
 
 # rotary inv_freq inside the forward: fp32 although the layers compute in bf16
 seen = {}
@@ -48,7 +49,7 @@ torch.manual_seed(0)
 ids = torch.randint(0, 100, (2, 16))
 targets = torch.randint(0, 100, (2, 16))
 logp, _ = wrapper(targets=targets, input_ids=ids)
-print(f"rank {rank} inv_freq {seen['inv_freq']} layer {seen['layer']}", flush=True)
+say(f"rank {rank} inv_freq {seen['inv_freq']} layer {seen['layer']}")
 
 # the gradient norm is global (not this rank's shard) and the clip applies to it
 (-logp.sum()).backward()
@@ -56,7 +57,7 @@ params = [p for p in wrapper.parameters() if p.requires_grad]
 local_sq = sum(p.grad.to_local().float().pow(2).sum().item() for p in params if p.grad is not None)
 norm = common.grad_norm_and_clip(params, max_norm=1e-3)
 after = common.grad_norm_and_clip(params, max_norm=0)
-print(f"rank {rank} norm {norm:.6f} local {local_sq ** 0.5:.6f} after {after:.8f}", flush=True)
+say(f"rank {rank} norm {norm:.6f} local {local_sq ** 0.5:.6f} after {after:.8f}")
 common.close_distributed()
 """
 
@@ -125,5 +126,6 @@ def test_rl_packed_and_two_processes_equal_the_padded_path(tiny_vl_dir, tmp_path
             for k in ("grad_norm", "kl", "entropy", "clip_fraction", "logprob_gap_mean"):
                 assert abs(a[k] - b[k]) < 1e-5, (out, k, a[k], b[k])
         wa, wb = load_file(os.path.join(padded, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
-        for k in wa:
-            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+        for k in wa:  # Adam divides by sqrt(v): a 1e-7 gradient difference (another summation order in
+            # the shared-prompt attention) can move a weight whose v is tiny by ~1e-5 after two steps
+            torch.testing.assert_close(wa[k], wb[k], atol=5e-5, rtol=0)

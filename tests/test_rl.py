@@ -204,6 +204,53 @@ def test_collate_logprobs_match_unpadded_forward(tiny_vl_dir):
             assert (ent[batch["mask"] > 0] > 0).all() and (logp[batch["mask"] == 0] == 0).all()
 
 
+def test_shared_prompt_layout_equals_separate_sequences(tiny_vl_dir):
+    """share_prompts: a group's prompt (here with an image) laid out once per row, the other completions
+    attending to that copy through sdpa_packed. Log-probs and gradients equal the unshared layout (each
+    sequence in full) within 1e-5, also when a row holds two groups and padding."""
+    import generation
+    processor, tok = generation.load_processor(tiny_vl_dir)
+    model = common.load_model(tiny_vl_dir, torch.device("cpu"), 1)
+    assert model.config.text_config._attn_implementation == common.PACKED_SDPA
+    rope_index = common.make_rope_index(model, model.config.image_token_id)
+    rows = [{"question": "Solve the problem.", "answer": "5", "options": None, "images": [_draw(2, 3)]},
+            {"question": "What is 12 + 30?", "answer": "42", "options": None, "images": []}]
+    # the last completion is longer than its prompt: the prefix joins its causal call instead of a mask
+    completions = [[[5, 9, 30, 31, 2], [7, 8], [40, 41, 42, 43]], [[50, 51], [52, 53, 54, 55, 56], list(range(60, 300))]]
+    samples = []
+    for g, (row, comps) in enumerate(zip(rows, completions)):
+        ids, vision = rl.encode_prompt(processor, tok, rl.build_prompt(processor, row), row["images"])
+        for comp in comps:
+            rope = rope_index(torch.tensor([ids + comp]), vision["image_grid_thw"]) if vision else None
+            samples.append({"prompt_ids": ids, "vision": vision, "rope": rope, "completion_ids": comp, "group": g,
+                            "loss_mask": [1] * len(comp), "sampler_logprobs": [0.0] * len(comp),
+                            "advantage": 1.0})
+    wrapped = common.LogProbModel(model, chunk_size=4)
+    weight = model.model.language_model.layers[0].self_attn.q_proj.weight
+
+    def per_sample(layout, share):
+        batch = rl.collate(samples, layout, tok.pad_token_id, "cpu", share_prompts=share)
+        logp, ent = rl.completion_logprobs(wrapped, batch, 0.7, with_entropy=True)
+        grad = torch.autograd.grad(logp.sum(), weight)[0]
+        return ({i: (logp[r, cols].detach(), ent[r, cols]) for i, r, cols in batch["spans"]}, grad,
+                batch["input_ids"].numel())
+
+    ref, ref_grad, ref_slots = per_sample([[i] for i in range(6)], False)
+    assert len(samples[5]["completion_ids"]) > len(samples[5]["prompt_ids"])
+    # [[3, 4, 5]]: text-only rows of a VLM (2-D position ids), packed with and without the shared prompt
+    for layout, share in (([[0, 1, 2], [3, 4, 5]], True), ([[3, 4, 5, 0, 1, 2]], True), ([[0, 1], [2, 3, 4, 5]], True),
+                          ([[3, 4, 5]], True), ([[3, 4], [0]], False)):
+        got, grad, slots = per_sample(layout, share)
+        for i in got:
+            torch.testing.assert_close(got[i], ref[i], atol=1e-5, rtol=0)  # log-probs and entropies
+        if len(got) == 6:
+            torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
+            assert slots < ref_slots
+    cfg = rl.Config(micro_batch_tokens=10 ** 6)
+    assert rl.shared_prompts(samples, cfg) and not rl.shared_prompts(samples, rl.Config(packing=False))
+    assert rl.microbatches(samples, cfg) == [[[3, 4, 5, 0, 1, 2]]]  # one row: each prompt once
+
+
 def test_microbatches_pack_by_token_budget():
     """Packing: rows never longer than the longest sequence; each micro-batch's padded size within the
     budget (a lone row may exceed it); every sample exactly once; far less padding than one per row."""
