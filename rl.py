@@ -472,8 +472,12 @@ def _shares(samples, row, k, share):
 
 
 def _row_width(samples, row, share):
-    return sum(len(samples[i]["completion_ids"]) + (1 if _shares(samples, row, k, share) else
-                                                    len(samples[i]["prompt_ids"])) for k, i in enumerate(row))
+    """Tokens a row lays out: a shared prompt once, then only its last token per further sample."""
+    width = 0
+    for k, i in enumerate(row):
+        prompt = 1 if _shares(samples, row, k, share) else len(samples[i]["prompt_ids"])
+        width += prompt + len(samples[i]["completion_ids"])
+    return width
 
 
 def microbatches(samples, cfg):
@@ -543,7 +547,7 @@ def collate(samples, rows, pad_id, device, placeholders=(), share_prompts=False)
             n = len(p) + len(c) - skip
             ids[r, t:t + n] = torch.tensor(p[skip:] + [pad_id if x in placeholders else x for x in c])
             pos[r, t:t + n] = torch.arange(skip, skip + n)
-            rope[:, r, t:t + n] = s["rope"][:, skip:] if s.get("rope") is not None else torch.arange(skip, skip + n)
+            rope[:, r, t:t + n] = torch.arange(skip, skip + n) if s.get("rope") is None else s["rope"][:, skip:]
             cols = slice(t + len(p) - 1 - skip, t + n - 1)  # the columns predicting the completion's tokens
             spans.append((i, r, cols))
             targets[r, cols] = torch.tensor(c)
