@@ -5,7 +5,9 @@
 
 Each case is a real `sft.py` run (`--max_steps`); numbers come from its log.jsonl, the first `--warmup`
 steps left out: tokens/s counts real (non-padding) tokens per second of whole optimizer steps (data,
-forward, backward, optimizer), padding fraction is padding slots / all slots. Cases:
+forward, backward, optimizer), padding fraction is padding slots / all slots. Attention is sft.py's
+default, sdpa_packed (sdpa once per packed sequence), but in the "masked sdpa" case: transformers' sdpa
+with its block-diagonal mask over each packed row. Cases:
   text CoT  : the tiny text model on toy OpenThoughts rows (the paper's stage-1 shape)
   image+text: the tiny VLM on toy chat rows, half of them with an image (the toy's stage 0)
 With `trl` importable (e.g. `pip install --no-deps --target DIR trl` and `PYTHONPATH=DIR`), TRL's
@@ -45,7 +47,7 @@ def summarise(records: list[dict], warmup: int) -> dict:
 def bench_sft(model, data, out, args, *extra) -> dict:
     run("sft.py", "--model_name_or_path", model, "--dataset", data, "--output_dir", out,
         "--max_steps", str(args.steps), "--per_device_batch_size", str(args.batch_size), "--limit", "2000",
-        "--learning_rate", "1e-3", "--gradient_checkpointing", "false", "--save_steps", "0", "--freeze_vision", "false",
+        "--learning_rate", "1e-3", "--gradient_checkpointing", "false", "--save_steps", "0", "--freeze_vision_tower", "false",
         *extra)
     with open(os.path.join(out, "log.jsonl")) as f:
         return summarise([json.loads(line) for line in f], args.warmup)
@@ -128,7 +130,8 @@ def main():
     cases = [("text CoT", text, cot), ("image+text", vl, chat)]
     for name, model, rows in cases:
         for mode, extra in [("padded", ["--packing", "false"]), ("packed", []),
-                            ("packed, rows of 4096", ["--pack_length", "4096"])]:
+                            ("packed, rows of 4096", ["--pack_length", "4096"]),
+                            ("packed, rows of 4096, masked sdpa", ["--pack_length", "4096", "--attn_implementation", "sdpa"])]:
             out = os.path.join(work, "runs", f"{name}-{mode}".replace(" ", "_").replace(",", "").replace("+", "_"))
             shutil.rmtree(out, ignore_errors=True)
             print(f"sft.py {name} {mode} ...", flush=True)
