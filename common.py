@@ -463,21 +463,18 @@ def _segments(position_ids):
     one wherever the position does not go up by 1 (transformers' rule for packed rows); a sequence
     starting at position p > 0 has as prefix the first p columns of the last one that started at 0."""
     if _SEGMENTS[0] is not position_ids:
-        pos = position_ids.reshape(-1, position_ids.shape[-1])
+        pos = position_ids.reshape(-1, position_ids.shape[-1]).cpu()  # one transfer per forward
         new = torch.diff(pos, dim=-1) != 1
-        first = pos[:, 0].tolist()
         rows = []
         for r in range(pos.shape[0]):
             starts = [0] + (new[r].nonzero().flatten() + 1).tolist()
-            at = pos[r, starts].tolist() if len(starts) > 1 else [first[r]]
+            ends = starts[1:] + [pos.shape[-1]]
             row, base = [], None
-            for k, s in enumerate(starts):
-                e = starts[k + 1] if k + 1 < len(starts) else pos.shape[-1]
-                if at[k] == 0 or base is None:
-                    base = s if at[k] == 0 else None
-                    row.append((s, e, 0, 0))
-                else:
-                    row.append((s, e, base, min(at[k], s - base)))
+            for s, e, at in zip(starts, ends, pos[r, starts].tolist()):
+                if at == 0:
+                    base = s
+                prefixed = at > 0 and base is not None
+                row.append((s, e, base, min(at, s - base)) if prefixed else (s, e, 0, 0))
             rows.append(row)
         _SEGMENTS[:] = [position_ids, rows]
     return _SEGMENTS[1]

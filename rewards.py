@@ -844,12 +844,16 @@ class VerifyPool:
         self.procs, self.conns, self.ready = [None] * workers, [None] * workers, [False] * workers
         self.lock = threading.Lock()
 
-    def start(self, count: int | None = None):
-        """Fork `count` workers (default: all) now; each sets itself up in the background."""
+    def start(self):
+        """Fork every worker now; each sets itself up in the background."""
         with self.lock:
-            for i in range(min(self.n, count or self.n)):
+            for i in range(self.n):
                 if self.procs[i] is None:
                     self._start(i)
+
+    def _limit(self, i) -> float:
+        """Seconds worker i may take: its set-up first, then the per-item timeout."""
+        return self.timeout if self.ready[i] else STARTUP_S
 
     def _start(self, i):
         parent, child = self.ctx.Pipe()
@@ -899,8 +903,7 @@ class VerifyPool:
                             results[k] = _verify_safe(*items[k])  # here, without a hard timeout
                 if not busy:
                     continue
-                limit = {i: self.timeout if self.ready[i] else STARTUP_S for i in busy}
-                next_deadline = min(t + limit[i] for i, (_, t) in busy.items())
+                next_deadline = min(t + self._limit(i) for i, (_, t) in busy.items())
                 ready = wait([self.conns[i] for i in busy], timeout=max(0.0, next_deadline - time.monotonic()))
                 for i in list(busy):
                     if self.conns[i] in ready:
@@ -915,7 +918,7 @@ class VerifyPool:
                         del busy[i]
                 now = time.monotonic()
                 for i, (k, t0) in list(busy.items()):
-                    if now - t0 > (self.timeout if self.ready[i] else STARTUP_S):
+                    if now - t0 > self._limit(i):
                         self._kill(i)  # stuck in sympy / C code: kill it, a fresh one starts on demand
                         del busy[i]
         return results
@@ -936,11 +939,11 @@ def get_pool() -> VerifyPool:
     return _POOL
 
 
-def start_workers(count: int | None = None):
-    """Fork Math-Verify workers now (default: all), so that their set-up (about a second of imports
-    each) runs on other cores while the caller loads its model. Optional: the first math item that
-    needs a worker starts it otherwise."""
-    get_pool().start(count)
+def start_workers():
+    """Fork the Math-Verify workers now, so that their set-up (about a second of imports each) runs on
+    other cores while the caller loads its model. Optional: the first math item that needs a worker
+    starts it otherwise."""
+    get_pool().start()
 
 
 def close():

@@ -494,21 +494,21 @@ def microbatches(samples, cfg):
         return [rows[i:i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
     share = shared_prompts(samples, cfg)
     if share:
-        cap, units = max(max(lengths), cfg.micro_batch_tokens), []
-        for i in range(len(samples)):  # a group's samples are consecutive
-            if units and samples[units[-1][-1]]["group"] == samples[i]["group"] and \
-                    _row_width(samples, units[-1] + [i], True) <= cap:
+        cap, units, widths = max(max(lengths), cfg.micro_batch_tokens), [], []
+        for i, s in enumerate(samples):  # a group's samples are consecutive
+            extra = 1 + len(s["completion_ids"])  # after the first: the prompt's last token + completion
+            if units and samples[units[-1][-1]]["group"] == s["group"] and widths[-1] + extra <= cap:
                 units[-1].append(i)
+                widths[-1] += extra
             else:
                 units.append([i])
-        packed = common.pack_rows([_row_width(samples, u, True) for u in units], cap)
-        rows = [[i for u in row for i in units[u]] for row in packed]
+                widths.append(lengths[i])
+        rows = [[i for u in row for i in units[u]] for row in common.pack_rows(widths, cap)]
     else:
         rows = common.pack_rows(lengths, max(lengths))
-    rows.sort(key=lambda row: -_row_width(samples, row, share))
+    sized = sorted(((_row_width(samples, row, share), row) for row in rows), key=lambda x: -x[0])
     mbs, widest = [], 0
-    for row in rows:  # widest rows first: a micro-batch's rows pad to its first row's width
-        width = _row_width(samples, row, share)
+    for width, row in sized:  # widest rows first: a micro-batch's rows pad to its first row's width
         if mbs and (len(mbs[-1]) + 1) * widest <= cfg.micro_batch_tokens:
             mbs[-1].append(row)
         else:
