@@ -785,6 +785,7 @@ def main(cfg: Config):
     rows, num_filtered = load_prompts(cfg, processor, tokenizer)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * (len(rows) // cfg.prompts_per_step)
     total_updates, max_images = total_steps * cfg.num_iterations, max(len(r["images"]) for r in rows)
+    n_images = sum(len(r["images"]) for r in rows)  # text-only data: 0, and the first log line says so
     model = load_policy(cfg.model_name_or_path, cfg, device, world, True, touch_vision=max_images > 0)
     ref_model = load_policy(cfg.model_name_or_path, cfg, device, world, False) if cfg.beta > 0 else None
     params = [p for p in model.parameters() if p.requires_grad]  # the sharded ones: after sharding
@@ -801,7 +802,7 @@ def main(cfg: Config):
     amp = torch.autocast("cuda", torch.bfloat16) if cfg.bf16 and device.type == "cuda" and world == 1 \
         else nullcontext()  # FSDP2 casts to bf16 itself
     common.print0(f"rl.py: {len(rows)} prompts ({num_filtered} over {cfg.max_prompt_length} tokens "
-                  f"dropped), {total_steps} steps of {cfg.prompts_per_step} prompts x {G} completions on "
+                  f"dropped; {n_images} images), {total_steps} steps of {cfg.prompts_per_step} prompts x {G} completions on "
                   f"{world} process(es), backend {cfg.backend}"
                   + (f", resuming at step {start_step} from {resume_dir}" if resume_dir else ""))
     if cfg.backend == "hf":  # the policy generates itself: weight sync is free
@@ -898,6 +899,8 @@ def main(cfg: Config):
                                                                 g["completions"]), default=0), gap_max,
                                                            t_gen, t_score, t_train, t_sync], op="max")))
         log = step_log(sums, maxes, step + 1, lr, grad_norm, t_step)
+        if step == start_step:
+            log.update({"data/prompts": len(rows), "data/images": n_images})
         tracker.log(log)
         if main_proc:
             g = groups[0]  # one sample per step, to read what the policy writes

@@ -443,7 +443,7 @@ def main(cfg: Config):
     image_token_id = getattr(model_config, "image_token_id", None)
     rope_index = common.make_rope_index(model, image_token_id) if is_vlm else None
     counts = {"rows": n_rows, "bad_rows": 0, "truncated": 0, "dropped_overlong": 0,
-              "dropped_image_cut": 0, "dropped_no_target": 0}
+              "dropped_image_cut": 0, "dropped_no_target": 0, "images": 0}
     examples = []
     for i in tqdm(range(n_rows), desc="tokenising", disable=not main_proc):
         where = f"{cfg.dataset} row {i}" + (f" (line {i + 1})" if cfg.dataset.endswith(".jsonl") else "")
@@ -473,6 +473,7 @@ def main(cfg: Config):
             counts["dropped_no_target"] += 1  # e.g. the prompt alone is longer than max_length
             continue
         counts["truncated"] += truncated
+        counts["images"] += len(images)  # in the examples kept (text-only data: 0, and the log says so)
         # int32 tensors: Python int lists take ~9x the memory (114k x 4096 tokens x 2 per process)
         ex["ids"] = torch.tensor(ex["ids"], dtype=torch.int32)
         ex["targets"] = torch.tensor(ex["targets"], dtype=torch.int32)

@@ -8,6 +8,7 @@ Every file has the *real* dataset's shape, so the stage scripts run on it exactl
                                with <|begin_of_thought|> ... <|end_of_solution|> (text-only CoT: stage 1;
                                not verified: the teacher's slips are in, see below)
     sft/cot_messages.jsonl     the same text-only CoT rows as plain chat `messages` (the toy's stage 1)
+    sft/direct_messages.jsonl  the same problems answered directly, no chain (the non-CoT ablation)
     sft/messages.jsonl         plain chat `messages` + `images` (paths relative to the file): the toy
                                "base VLM" lessons (stage 0): read the drawn problem, restate it, answer
     sft/images/*.png
@@ -31,6 +32,10 @@ rejection sampling). --slip_rate 0 gives a perfect teacher.
 
 Images are the problem drawn in DejaVu Sans Mono Bold on a 168x28 white canvas, one character per 28-px
 cell: 6 image tokens for the tiny VLM, one per text token of "a + b".
+
+--question_forms varied states each training question's problem in one of FORMS ("41 + 58", "forty-one plus
+fifty-eight", "What is 41 plus 58?", "Add 58 to 41.", "Find the sum of 41 and 58."); the chains always restate
+it as "41 + 58", and the test set always asks "41 + 58".
 
 The split is by problem: every test problem (and its commuted twin, b + a) is kept out of all the
 training files. Deterministic: the same seed writes byte-identical files.
@@ -75,8 +80,30 @@ def problem_text(a: int, b: int) -> str:
     return f"{a} + {b}"
 
 
-def text_question(a: int, b: int) -> str:
-    return f"{problem_text(a, b)}\n{SOLVE}{INTEGER_HINT}"
+# --question_forms varied: training questions say the problem in one of these forms (the test set and
+# every restatement use "a + b"), so the restatement is the only place the chain can always find its digits.
+FORMS = ("digits", "words", "plus", "add_to", "sum_of")
+_ONES = "zero one two three four five six seven eight nine".split()
+_TEENS = "ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n: int) -> str:
+    """10..99 in English words: "forty-one", "sixty", "thirteen"."""
+    if n < 20:
+        return _TEENS[n - 10]
+    return _TENS[n // 10] + (f"-{_ONES[n % 10]}" if n % 10 else "")
+
+
+def problem_form(a: int, b: int, form: str = "digits") -> str:
+    """The problem as a question states it; the chain of thought always restates it as "a + b"."""
+    return {"digits": problem_text(a, b), "words": f"{number_words(a)} plus {number_words(b)}",
+            "plus": f"What is {a} plus {b}?", "add_to": f"Add {b} to {a}.",
+            "sum_of": f"Find the sum of {a} and {b}."}[form]
+
+
+def text_question(a: int, b: int, form: str = "digits") -> str:
+    return f"{problem_form(a, b, form)}\n{SOLVE}{INTEGER_HINT}"
 
 
 def chain_of_thought(a: int, b: int, slip: bool = False) -> str:
@@ -103,6 +130,14 @@ def has_carry(a: int, b: int) -> bool:
 def teacher_answer(a: int, b: int, slip: bool = False) -> int:
     """The answer the teacher's chain ends with: 10 short where it forgot a carry."""
     return a + b - 10 if slip and has_carry(a, b) else a + b
+
+
+def misread(rng: random.Random, a: int, b: int, n_digits: int = 1) -> tuple[int, int]:
+    """The problem with n_digits of its four digits read wrong (a tens digit stays 1-9)."""
+    digits = [a // 10, a % 10, b // 10, b % 10]
+    for k in rng.sample(range(4), n_digits):
+        digits[k] = rng.choice([d for d in range(1 if k % 2 == 0 else 0, 10) if d != digits[k]])
+    return digits[0] * 10 + digits[1], digits[2] * 10 + digits[3]
 
 
 def direct_response(a: int, b: int) -> str:
@@ -179,25 +214,26 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- the files
 
-def make_openthoughts(train):
+def make_openthoughts(train, forms):
     rows = []
-    for a, b, slip in train:
-        value = (f"<|begin_of_thought|>\n\n{chain_of_thought(a, b, slip)}\n\n<|end_of_thought|>\n\n"
-                 f"<|begin_of_solution|>\n\n\\boxed{{{teacher_answer(a, b, slip)}}}\n\n<|end_of_solution|>")
+    for (a, b, slip, (ra, rb)), form in zip(train, forms):
+        value = (f"<|begin_of_thought|>\n\n{chain_of_thought(ra, rb, slip)}\n\n<|end_of_thought|>\n\n"
+                 f"<|begin_of_solution|>\n\n\\boxed{{{teacher_answer(ra, rb, slip)}}}\n\n<|end_of_solution|>")
         rows.append({"system": OPENTHOUGHTS_SYSTEM,
-                     "conversations": [{"from": "user", "value": text_question(a, b)},
+                     "conversations": [{"from": "user", "value": text_question(a, b, form)},
                                        {"from": "assistant", "value": value}]})
     return rows
 
 
-def make_cot_messages(train):
+def make_cot_messages(train, forms, direct=False):
     """Text-only CoT rows in the chat shape, asked as every toy stage asks: rewards.pose(question,
     template="plain"), the question alone (a ~2M-parameter model cannot find a problem behind the paper's
     ~100-token instructions; toy.sh passes --prompt_template plain to rl.py, evaluate.py and distill.py)."""
-    return [{"messages": [{"role": "user", "content": rewards.pose(text_question(a, b), template="plain")},
-                          {"role": "assistant", "content": rewards.format_response(chain_of_thought(a, b, slip),
-                                                                                   str(teacher_answer(a, b, slip)))}]}
-            for a, b, slip in train]
+    return [{"messages": [{"role": "user", "content": rewards.pose(text_question(a, b, form), template="plain")},
+                          {"role": "assistant", "content": rewards.format_response(
+                              problem_text(ra, rb) if direct else chain_of_thought(ra, rb, slip),
+                              str(teacher_answer(ra, rb, slip)))}]}
+            for (a, b, slip, (ra, rb)), form in zip(train, forms)]
 
 
 def image_question() -> str:
@@ -218,16 +254,16 @@ def parts(text: str) -> list[dict]:
     return out
 
 
-def make_base_messages(base, sft_dir, font, rng):
+def make_base_messages(base, forms, sft_dir, font, rng):
     """Stage 0 lessons for the toy base VLM, in four kinds mixed evenly: image + "Read the problem." ->
     the transcript (twice: reading is the slow skill, and these rows are short); text question ->
     restate + answer; image question -> restate (read) + answer. Contents are lists of parts (the image
     sits inside the prompt), assistant turns included, so every row has the same JSON shape."""
     rows = []
-    for i, (a, b) in enumerate(base):
+    for i, ((a, b), form) in enumerate(zip(base, forms)):
         kind = i % 4
         if kind == 2:
-            user, images, answer = rewards.pose(text_question(a, b), template="plain"), [], direct_response(a, b)
+            user, images, answer = rewards.pose(text_question(a, b, form), template="plain"), [], direct_response(a, b)
         else:
             images = [save_image(draw(problem_text(a, b), font), sft_dir, f"base_{i:05d}")]
             if kind == 3:
@@ -241,9 +277,9 @@ def make_base_messages(base, sft_dir, font, rng):
     return rows
 
 
-def make_orz(train):
-    return [[{"from": "human", "value": text_question(a, b)},
-             {"from": "assistant", "ground_truth": {"value": str(a + b)}}] for a, b in train]
+def make_orz(train, forms):
+    return [[{"from": "human", "value": text_question(a, b, form)},
+             {"from": "assistant", "ground_truth": {"value": str(a + b)}}] for (a, b), form in zip(train, forms)]
 
 
 def make_gsm8k(items):
@@ -352,6 +388,14 @@ def main():
     parser.add_argument("--n_train", type=int, default=2000, help="text CoT rows (sft/openthoughts.jsonl, sft/cot_messages.jsonl)")
     parser.add_argument("--slip_rate", type=float, default=0.3,
                         help="fraction of the CoT rows with a carry in which the teacher forgets it (wrong answer)")
+    parser.add_argument("--misread_rate", type=float, default=0.0,
+                        help="fraction of the CoT rows whose teacher misreads one digit of the problem, then "
+                             "solves what it restated")
+    parser.add_argument("--misread_digits", type=int, default=1, choices=(1, 2, 3, 4),
+                        help="digits a misreading gets wrong")
+    parser.add_argument("--question_forms", choices=("digits", "varied"), default="digits",
+                        help="training questions state the problem as digits only, or in one of FORMS per row "
+                             "(the test set is always digits)")
     parser.add_argument("--n_base", type=int, default=1500, help="stage-0 rows (sft/messages.jsonl), 3/4 with images")
     parser.add_argument("--n_rl", type=int, default=1000, help="RL problems (rl/orz_math.json)")
     parser.add_argument("--n_test", type=int, default=200, help="toy_text / toy_image test problems")
@@ -384,13 +428,24 @@ def main():
 
     sft_dir, eval_dir = os.path.join(out, "sft"), os.path.join(out, "eval")
     slip_rng = random.Random(args.seed + 1)
-    cot = [(a, b, has_carry(a, b) and slip_rng.random() < args.slip_rate) for a, b in take(args.n_train, 0)]
-    write_jsonl(os.path.join(sft_dir, "openthoughts.jsonl"), make_openthoughts(cot))
-    write_jsonl(os.path.join(sft_dir, "cot_messages.jsonl"), make_cot_messages(cot))
+    read_rng = random.Random(args.seed + 3)  # its own stream: --misread_rate 0 leaves the rest unchanged
+    cot = []
+    for a, b in take(args.n_train, 0):
+        read = (misread(read_rng, a, b, args.misread_digits) if args.misread_rate and read_rng.random() < args.misread_rate
+                else (a, b))
+        cot.append((a, b, has_carry(*read) and slip_rng.random() < args.slip_rate, read))
+    form_rng = random.Random(args.seed + 2)  # its own stream: --question_forms digits leaves the rest unchanged
+    forms = lambda n: [FORMS[form_rng.randrange(len(FORMS))] if args.question_forms == "varied" else "digits"  # noqa: E731
+                       for _ in range(n)]
+    cot_forms = forms(args.n_train)
+    write_jsonl(os.path.join(sft_dir, "openthoughts.jsonl"), make_openthoughts(cot, cot_forms))
+    write_jsonl(os.path.join(sft_dir, "cot_messages.jsonl"), make_cot_messages(cot, cot_forms))
+    write_jsonl(os.path.join(sft_dir, "direct_messages.jsonl"), make_cot_messages(cot, cot_forms, direct=True))
     write_jsonl(os.path.join(sft_dir, "messages.jsonl"),
-                make_base_messages(take(args.n_base, args.n_train), sft_dir, font, rng))
+                make_base_messages(take(args.n_base, args.n_train), forms(args.n_base), sft_dir, font, rng))
     with open(os.path.join(out, "rl", "orz_math.json"), "w", encoding="utf-8") as f:
-        json.dump(make_orz(take(args.n_rl, args.n_train + args.n_base)), f, ensure_ascii=False, indent=1)
+        json.dump(make_orz(take(args.n_rl, args.n_train + args.n_base), forms(args.n_rl)), f, ensure_ascii=False,
+                  indent=1)
         f.write("\n")
     write_jsonl(os.path.join(eval_dir, "toy_text.jsonl"), make_toy_text(toy))
     write_jsonl(os.path.join(eval_dir, "toy_image.jsonl"), make_toy_image(toy, eval_dir, font))

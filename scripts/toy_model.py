@@ -32,6 +32,8 @@ if __name__ == "__main__":
         rewards.train_prompt(question), rewards.math_prompt(question), rewards.mcq_prompt(question, ["85", "84"]),
         make_toy_data.chain_of_thought(37, 48), make_toy_data.chain_of_thought(76, 58),
         make_toy_data.SOLVE + make_toy_data.INTEGER_HINT, make_toy_data.READ,
+        *(make_toy_data.problem_form(37, 48, form) for form in make_toy_data.FORMS),
+        " ".join(make_toy_data.number_words(n) for n in range(10, 100)),
     ]
     build = make_tiny_model.build_tokenizer
     make_tiny_model.build_tokenizer = lambda vocab_size=args.vocab_size: build(vocab_size)

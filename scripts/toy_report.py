@@ -21,9 +21,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from make_toy_data import READ, has_carry, parts  # noqa: E402
+from make_toy_data import READ, has_carry  # noqa: E402
+from toy_probe import probe  # noqa: E402
 
-STAGES = [("base", "stage 0: toy base VLM"), ("sft", "stage 1: + text-only CoT SFT"),
+STAGES = [("base", "stage 0: toy base VLM"), ("sft", "stage 1: + text-only SFT"),
           ("rl", "stage 2: + text-only GRPO")]
 PROBLEM = re.compile(r"\b\d\d \+ \d\d\b")
 
@@ -59,8 +60,8 @@ def forgot_carry_rate(chains):
 def teacher_slip_rate(cot_file):
     """How often the stage-1 teacher's chains forgot a needed carry."""
     rows = read_jsonl(cot_file)
-    return forgot_carry_rate((r["messages"][1]["content"], PROBLEM.search(r["messages"][0]["content"]).group(0))
-                             for r in rows)
+    return forgot_carry_rate((r["messages"][1]["content"], PROBLEM.search(r["messages"][1]["content"]).group(0))
+                             for r in rows)  # the chain's restatement: the question may say it in words
 
 
 def sampled_metrics(eval_dir, problems):
@@ -86,22 +87,6 @@ def stage_metrics(eval_dir, problems):
         out[bench] = {"accuracy": s["accuracy"], "restated": sum(ok) / len(ok), "parse_failure_rate": s["parse_failure_rate"],
                       "mean_tokens": s["mean_tokens"], "items": s["items"]}
     return out
-
-
-def ocr(model_dir, data_dir, limit):
-    """Fraction of held-out toy images transcribed exactly when asked to read them (greedy)."""
-    from PIL import Image
-
-    from generation import chat_prompt, generate, load_engine
-
-    rows = read_jsonl(os.path.join(data_dir, "toy_image.jsonl"))[:limit]
-    problems = toy_problems(data_dir)[:limit]
-    engine = load_engine(model_dir, backend="hf")
-    text = chat_prompt(engine.processor, [{"role": "user", "content": parts(f"<image 1>\n{READ}")}])  # as in stage 0
-    prompts = [{"prompt": text, "images": [Image.open(os.path.join(data_dir, r["decoded_image"])).convert("RGB")]}
-               for r in rows]
-    outs = generate(engine, prompts, n=1, temperature=0, max_new_tokens=12)
-    return sum(o[0].text.strip() == p for o, p in zip(outs, problems)) / len(rows)
 
 
 def reward_curve(rl_dir, png):
@@ -160,7 +145,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_dir", default="runs/toy")
     parser.add_argument("--data_dir", default=None, help="the toy data's eval folder (default: run_dir/data/eval)")
-    parser.add_argument("--ocr_limit", type=int, default=200, help="images in the OCR probe")
+    parser.add_argument("--probe_limit", type=int, default=100, help="problems in the mechanism probe (toy_probe.py)")
     args = parser.parse_args()
     run = args.run_dir
     data_dir = args.data_dir or os.path.join(run, "data", "eval")
@@ -170,7 +155,8 @@ def main():
     for key, _ in STAGES:
         if os.path.exists(os.path.join(run, "eval", key, "summary.json")):
             stages[key] = stage_metrics(os.path.join(run, "eval", key), problems)
-            stages[key]["ocr"] = ocr(os.path.join(run, key), data_dir, args.ocr_limit)
+            stages[key]["probe"] = probe(os.path.join(run, key), data_dir, args.probe_limit) if args.probe_limit else None
+            stages[key]["ocr"] = stages[key]["probe"]["image"]["ocr"] if args.probe_limit else None
             if os.path.exists(os.path.join(run, "eval", f"{key}_t1", "summary.json")):
                 stages[key]["toy_text_t1"] = sampled_metrics(os.path.join(run, "eval", f"{key}_t1"), problems)
     rl = reward_curve(os.path.join(run, "rl"), os.path.join(run, "reward_curve.png")) \
@@ -182,6 +168,10 @@ def main():
                 distill = json.load(f)
     cot_file = os.path.join(run, "data", "sft", "cot_messages.jsonl")
     teacher = teacher_slip_rate(cot_file) if os.path.exists(cot_file) else None
+    settings = ""
+    if os.path.exists(os.path.join(run, "settings.txt")):
+        with open(os.path.join(run, "settings.txt")) as f:
+            settings = " ".join(line.strip() for line in f if line.strip())
     timings = {}
     if os.path.exists(os.path.join(run, "timings.tsv")):
         with open(os.path.join(run, "timings.tsv")) as f:
@@ -198,6 +188,17 @@ def main():
                          f"{pct(t1.get('accuracy'))} | {pct(t1.get('forgot_carry'))} | "
                          f"{pct(s['toy_image']['restated'])} | {pct(s['ocr'])} | {s['toy_text']['mean_tokens']:.0f} |")
     table = "\n".join(lines)
+    lines = ["| model | asked as | accuracy % | restated % | follows a swapped restatement % | "
+             "answers the question anyway % | right given the right restatement % | OCR % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, label in STAGES:
+        for modality in ("text", "image"):
+            if stages.get(key, {}).get("probe"):
+                m = stages[key]["probe"][modality]
+                lines.append(f"| {label} | {modality} | {pct(m['accuracy'])} | {pct(m['restated'])} | "
+                             f"{pct(m['follows'])} | {pct(m['ignores'])} | {pct(m['given_restated'])} | "
+                             f"{pct(m.get('ocr'))} |")
+    mechanism = "\n".join(lines)
 
     findings = []
     if "base" in stages and "sft" in stages:
@@ -213,7 +214,7 @@ def main():
                            "text-only training did not raise image accuracy in this run.")
                         + f" OCR went {pct(b['ocr'])}% -> {pct(s['ocr'])}% and correct restating of the image "
                           f"{pct(b['toy_image']['restated'])}% -> {pct(s['toy_image']['restated'])}%"
-                        + reading_verdict(b, s))
+                        + (reading_verdict(b, s) if None not in (b["ocr"], s["ocr"]) else "."))
     if rl:
         findings.append(f"- GRPO moved the mean training reward from {rl['reward_first']:.3f} (first {rl['k']} steps) "
                         f"to {rl['reward_last']:.3f} (last {rl['k']} steps) over {rl['steps']} steps "
@@ -237,7 +238,8 @@ def main():
                         f"{distill['questions_with_rows']} problems; only verified chains are kept, so a forgotten carry "
                         f"does not get back into the data.")
 
-    summary = {"stages": stages, "rl": rl, "distill": distill, "teacher_forgot_carry": teacher, "timings_s": timings}
+    summary = {"stages": stages, "rl": rl, "distill": distill, "teacher_forgot_carry": teacher, "timings_s": timings,
+               "settings": settings}
     with open(os.path.join(run, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     total = sum(timings.values())
@@ -257,11 +259,23 @@ does: SFT copies the slip, and GRPO's verifiable reward is what removes it. The 
 show this (the slip is the less likely branch); the sampled columns do, and temperature-1 samples are
 what GRPO is trained on.
 
+Settings (scripts/toy.sh's variables): `{settings or "-"}`
+
 {table}
 
 - *text / image acc*: greedy accuracy on {stages.get('base', stages.get('sft', {})).get('toy_text', {}).get('items', '?')} held-out problems, as text or drawn.
 - *restated*: the thinking starts with the correct problem (for images: the model read it while reasoning).
 - *OCR*: transcribes the image when asked "{READ}" (is the reading skill still there at all?).
+
+## How the chain works (scripts/toy_probe.py, {args.probe_limit} held-out problems, greedy)
+{mechanism}
+
+- *follows a swapped restatement*: the response is prefilled with `<think>` and a *different* problem; the
+  answer is that problem's sum. A chain that reads its digits from its own restatement follows it; one that
+  reads them from the question does not (and may *answer the question anyway*). Only a chain that follows its
+  restatement can work on an image once the image is read.
+- *right given the right restatement*: prefilled with the correct restatement, the answer is right (can the
+  chain finish, in this modality, from a correct start?).
 
 ## What the numbers say
 {chr(10).join(findings)}
@@ -273,15 +287,23 @@ what GRPO is trained on.
 - total: {total:.0f} s ({total / 60:.1f} min)
 
 In this miniature the vision tower is frozen after stage 0 (as in the paper), and stages 1-2 see no image
-at all. A tiny model's image reading is fragile: text-only updates can overwrite it (forgetting: OCR and
-restating both fall), the model can keep reading when asked to read but not while reasoning, or it can
-read the drawn problem into its reasoning and still fail the steps that follow (the reasoning does not
-transfer). The OCR and image-restated columns tell these apart. The images put one character in each image
-token's 28-px cell; with centred free-flowing text, text-only SFT erased the reading completely.
+at all (their logs count the images they loaded: 0). For the chain learned from text to work on an image,
+four things must hold, and the mechanism table checks each: the image is still read into the restatement
+(*restated*, OCR); the chain works from its restatement, not from the question (*follows a swapped
+restatement*); it still works when the question has no text problem in it; and the image tokens do not
+derail it (*right given the right restatement*, asked as an image). The toy.sh variables that make them
+hold: QUESTION_FORMS=varied (training questions state the problem in several forms, so the chain cannot
+rely on the question's digits being there), MISREAD_RATE (the teacher sometimes restates a different
+problem than asked and solves what it restated, so the restatement is what the chain is trained to
+follow) and ALIGN=1 (before stage 0, the vision tower learns to put each drawn character at its text
+embedding, as a real VLM's projector puts image tokens in the language model's space; without it the
+image tokens, ~200x the norm of a text embedding, derail the chain even when it is handed the right
+restatement).
 """
     with open(os.path.join(run, "report.md"), "w") as f:
         f.write(report)
     print(table)
+    print(mechanism)
     print("\n".join(findings))
     print(f"\nreport: {os.path.join(run, 'report.md')}")
 

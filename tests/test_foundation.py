@@ -309,3 +309,35 @@ def test_no_test_problem_in_training(toy_data_dir):
         test |= problems_in(os.path.join(evals, f"{name}.jsonl"))
     assert len(test) >= 200 and len(train) > 1000
     assert not test & train  # as unordered pairs: b + a counts as a + b
+
+
+def test_varied_question_forms(tmp_path):
+    """--question_forms varied: training questions state the problem in every form (digits, words, ...), the
+    chain always restates it as "a + b" with the question's numbers, the test set asks in digits only, and the
+    direct-answer rows ask the same questions with no chain."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    from make_toy_data import FORMS, number_words
+
+    words = {number_words(n): n for n in range(10, 100)}
+    assert len(words) == 90 and number_words(41) == "forty-one" and number_words(13) == "thirteen"
+    run_script("scripts/make_toy_data.py", "--output_dir", str(tmp_path), "--question_forms", "varied",
+               "--n_train", "300", "--n_base", "100", "--n_rl", "50", "--n_test", "20", "--n_bench", "4")
+    cot = [json.loads(line) for line in open(tmp_path / "sft/cot_messages.jsonl", encoding="utf-8")]
+    direct = [json.loads(line) for line in open(tmp_path / "sft/direct_messages.jsonl", encoding="utf-8")]
+    seen = set()
+    for row, plain in zip(cot, direct):
+        question, chain = row["messages"][0]["content"].split("\n")[0], row["messages"][1]["content"]
+        a, b = map(int, PROBLEM.search(chain).groups())  # the restatement
+        stated = re.findall(r"\d\d", question) or [words[w] for w in re.findall(r"[a-z]+(?:-[a-z]+)?", question) if w in words]
+        form = ("digits" if " + " in question else "words" if not re.search(r"\d", question) else
+                "add_to" if question.startswith("Add") else "sum_of" if "sum" in question else "plus")
+        seen.add(form)
+        # "Add b to a." names b first; every other form names a first
+        assert [int(x) for x in stated] == ([b, a] if form == "add_to" else [a, b]), (question, chain)
+        assert plain["messages"][0] == row["messages"][0]
+        assert "Ones:" in chain and "Ones:" not in plain["messages"][1]["content"]
+        assert plain["messages"][1]["content"].startswith(f"<think>\n{a} + {b}\n</think>")
+    assert seen == set(FORMS)
+    for line in open(tmp_path / "eval/toy_text.jsonl", encoding="utf-8"):
+        assert PROBLEM.match(json.loads(line)["question"])
