@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # X-Reasoner in miniature, on the CPU: does reasoning learned from text alone carry over to images?
 #
-#   bash scripts/toy.sh            # ~18 min on 2 cores; writes runs/toy/{summary.json,report.md}
+#   bash scripts/toy.sh            # ~19 min on 2 cores; writes runs/toy/{summary.json,report.md}
 #
-# 0. a toy "base VLM": a random ~2M-parameter Qwen2.5-VL learns to read drawn two-digit additions and to
-#    answer text and image questions directly (sft.py on chat rows with images; vision tower trained)
+# 0. a toy "base VLM": a random ~2M-parameter Qwen2.5-VL whose vision tower first learns to put each drawn
+#    character at its text embedding (toy_align.py, as a real VLM's projector is aligned), then learns to
+#    read drawn two-digit additions and answer text and image questions directly (sft.py on chat rows with
+#    images; the aligned vision side frozen)
 # 1. SFT on text-only chains of thought (sft.py; the OpenThoughts rows in the chat shape; vision frozen),
-#    written by an imperfect teacher that forgets the carry in 30% of its carry problems
+#    written by an imperfect teacher that forgets the carry in 30% of its carry problems and, in 30% of its
+#    rows, restates a different problem than asked and solves that one
 # 2. GRPO on text-only problems with a verifiable reward (rl.py --backend hf, Orz-shaped rows)
 # 3. evaluation of base / SFT / SFT+RL on held-out problems as text and as images, greedy, and of SFT and
 #    SFT+RL on the text problems sampled at temperature 1 (evaluate.py), plus one rejection-sampling pass
-#    from the SFT model (distill.py)
+#    from the SFT model (distill.py); the report probes how each model's chain works (toy_probe.py)
+# The paper's ablations over 3 seeds: scripts/toy_ablations.sh (reuses this run as seed 0).
 # A stage whose output exists is skipped, so an interrupted run continues where it stopped; delete
 # runs/toy (or set RUN_DIR) for a fresh run. Every size below can be overridden from the environment.
 set -euo pipefail
@@ -27,11 +31,11 @@ RL_PROMPTS=${RL_PROMPTS:-16}     # prompts per GRPO step (x 8 generations)
 RL_LR=${RL_LR:-3e-5}             # 1e-4 and above: the policy-gradient noise erodes the tiny model's arithmetic
 N_TEST=${N_TEST:-200}            # held-out problems, each asked as text and as an image
 DISTILL_N=${DISTILL_N:-64}       # questions for the distillation pass
-ALIGN=${ALIGN:-0}                # 1: align the vision tower to the language model's embeddings first (toy_align.py)
+ALIGN=${ALIGN:-1}                # 1: align the vision tower to the language model's embeddings first (toy_align.py)
 ALIGN_STEPS=${ALIGN_STEPS:-300}
-STAGE0_VISION=${STAGE0_VISION:-train}  # stage 0 trains the vision tower and projector (train) or not (freeze)
-QUESTION_FORMS=${QUESTION_FORMS:-digits}  # varied: training questions state the problem in several forms
-MISREAD_RATE=${MISREAD_RATE:-0}  # stage 1's teacher misreads the problem, then solves what it restated
+STAGE0_VISION=${STAGE0_VISION:-freeze}  # stage 0 trains the vision tower and projector (train) or not (freeze)
+QUESTION_FORMS=${QUESTION_FORMS:-varied}  # varied: training questions state the problem in several forms (or: digits)
+MISREAD_RATE=${MISREAD_RATE:-0.3}  # stage 1's teacher misreads the problem, then solves what it restated
 MISREAD_DIGITS=${MISREAD_DIGITS:-4}  # digits of the problem a misreading changes (4: a different problem)
 SLIP_RATE=${SLIP_RATE:-0.3}      # stage 1's teacher forgets the carry in this fraction of its carry problems
 T1_SAMPLES=${T1_SAMPLES:-4}      # samples per held-out text problem at temperature 1 (what GRPO optimises; 0: skip)

@@ -39,11 +39,13 @@ def load(path):
 
 
 def spread(values):
-    """'mean ± sd' in percent over the seeds that have the number ('-' when none do)."""
+    """'mean ± sd' in percent over the seeds that have the number ('-' when none do; '(n seeds)' when
+    only some do)."""
     xs = [100 * v for v in values if v is not None]
     if not xs:
         return "-"
-    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+    some = f" ({len(xs)} of {len(values)} seeds)" if len(xs) < len(values) else ""
+    return (f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}") + some
 
 
 def plot(table, seeds, png):
@@ -84,15 +86,16 @@ def main():
     for label, folder, stage in ROWS:
         stages = [((load(os.path.join(run, folder, "summary.json")) or {}).get("stages") or {}).get(stage)
                   for run in args.runs]
-        if any(s is None for s in stages):
-            missing = [run for run, s in zip(args.runs, stages) if s is None]
-            print(f"skipping '{label}': no {stage} stage in {os.path.join(folder or '.', 'summary.json')} of {missing}")
+        if all(s is None for s in stages):
+            print(f"skipping '{label}': no run has {os.path.join(folder or '.', 'summary.json')} with a {stage} stage")
             continue
-        table[label] = {col: [get(s) for s in stages] for col, get in COLUMNS}
+        # a seed without this ablation counts as missing (None), not as a zero
+        table[label] = {col: [None if s is None else get(s) for s in stages] for col, get in COLUMNS}
     base = table.get(ROWS[0][0])
     if base:  # the transfer: image accuracy over the base model's, per seed
         for row in table.values():
-            row["image gain over base (points)"] = [a - b for a, b in zip(row["image acc %"], base["image acc %"])]
+            row["image gain over base (points)"] = [None if a is None else a - b
+                                                    for a, b in zip(row["image acc %"], base["image acc %"])]
 
     cols = [col for col, _ in COLUMNS] + (["image gain over base (points)"] if base else [])
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -103,7 +106,8 @@ def main():
     with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
         json.dump({"runs": args.runs, "table": table}, f, indent=1)
     per_seed = "\n".join(f"- {label}: image " + ", ".join("-" if v is None else f"{100 * v:.1f}" for v in row["image acc %"])
-                         + "; text " + ", ".join(f"{100 * v:.1f}" for v in row["text acc %"]) for label, row in table.items())
+                         + "; text " + ", ".join("-" if v is None else f"{100 * v:.1f}" for v in row["text acc %"])
+                         for label, row in table.items())
     with open(os.path.join(args.out_dir, "report.md"), "w") as f:
         f.write(f"""# X-Reasoner in miniature: stages and ablations over {len(args.runs)} seeds
 

@@ -22,6 +22,7 @@ SEEDS=${SEEDS:-"0 1 2"}
 JOBS=${JOBS:-2}                      # seeds run at once (each process uses one thread)
 OUT=${OUT_DIR:-runs/toy_ablations}
 MAIN=${MAIN_RUN:-runs/toy}           # seed 0's main run; seed S's is ${MAIN}_seedS
+ABLATIONS=${ABLATIONS:-"direct no_misread rl_only forced_exit"}
 THINK_BUDGET_ABLATION=${THINK_BUDGET_ABLATION:-128}  # forced exit at 128 of the 160 new tokens (chains: ~60)
 mkdir -p "$OUT"
 
@@ -66,7 +67,7 @@ rm -f "$OUT"/*.done "$OUT"/*.failed
 # every seed's main run first, then the ablations (longest first), JOBS at a time
 queue=()
 for seed in $SEEDS; do queue+=("$seed main"); done
-for what in direct no_misread rl_only forced_exit; do for seed in $SEEDS; do queue+=("$seed $what"); done; done
+for what in $ABLATIONS; do for seed in $SEEDS; do queue+=("$seed $what"); done; done
 for item in "${queue[@]}"; do
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
   job $item &

@@ -48,40 +48,42 @@ def answer(text):
     return int(m.group(1)) if m else None
 
 
+def ask(engine, problems, images, modality, user, prefills, max_new_tokens=160):
+    """Greedy completions of one chat prompt per problem (user(problem) is the question), each response
+    prefilled with prefills[i]; the problem's image goes with it when modality is "image"."""
+    from generation import chat_prompt, generate
+
+    jobs = [{"prompt": chat_prompt(engine.processor, [{"role": "user", "content": parts(user(p))}]) + prefill,
+             "images": [img] if modality == "image" else []} for p, img, prefill in zip(problems, images, prefills)]
+    return [o[0].text for o in generate(engine, jobs, n=1, temperature=0, max_new_tokens=max_new_tokens)]
+
+
 def probe(model_dir, data_dir, limit=100, engine=None):
     """The mechanism columns for one model, text and image (see the module docstring)."""
-    from generation import chat_prompt, generate, load_engine
-
     import rewards
+    from generation import load_engine
 
     engine = engine or load_engine(model_dir, backend="hf")
     problems, images = read_problems(data_dir, limit)
+    n = len(problems)
     # the counterfactual problem for item i: the next item's, skipping one with the same sum
-    other = [next(problems[(i + k) % len(problems)] for k in range(1, len(problems))
-                  if sum(problems[(i + k) % len(problems)]) != sum(p)) for i, p in enumerate(problems)]
-    prompt = {"text": lambda p: rewards.pose(text_question(*p), template="plain"),
-              "image": lambda p: rewards.pose(image_question(), template="plain")}
+    other = [next(problems[(i + k) % n] for k in range(1, n) if sum(problems[(i + k) % n]) != sum(p))
+             for i, p in enumerate(problems)]
+    question = {"text": lambda p: rewards.pose(text_question(*p), template="plain"),
+                "image": lambda p: rewards.pose(image_question(), template="plain")}
     out = {}
     for modality in ("text", "image"):
-        def ask(prefills, user=None, max_new_tokens=160):
-            jobs = [{"prompt": chat_prompt(engine.processor, [{"role": "user", "content": parts(user or prompt[modality](p))}])
-                     + prefill, "images": [img] if modality == "image" else []}
-                    for p, img, prefill in zip(problems, images, prefills)]
-            return [o[0].text for o in generate(engine, jobs, n=1, temperature=0, max_new_tokens=max_new_tokens)]
-
-        free = ask([""] * len(problems))
-        given = ask([f"<think>\n{problem_text(*p)}\n" for p in problems])
-        swapped = ask([f"<think>\n{problem_text(*q)}\n" for q in other])
-        n = len(problems)
-        row = {"accuracy": sum(answer(r) == sum(p) for r, p in zip(free, problems)) / n,
-               "restated": sum(r.lstrip().startswith(f"<think>\n{problem_text(*p)}") for r, p in zip(free, problems)) / n,
-               "follows": sum(answer(r) == sum(q) for r, q in zip(swapped, other)) / n,
-               "ignores": sum(answer(r) == sum(p) for r, p in zip(swapped, problems)) / n,
-               "given_restated": sum(answer(r) == sum(p) for r, p in zip(given, problems)) / n}
-        if modality == "image":
-            read = ask([""] * n, user=f"<image 1>\n{READ}", max_new_tokens=12)
-            row["ocr"] = sum(r.strip() == problem_text(*p) for r, p in zip(read, problems)) / n
-        out[modality] = row
+        free, given, swapped = (ask(engine, problems, images, modality, question[modality], prefills)
+                                for prefills in ([""] * n, [f"<think>\n{problem_text(*p)}\n" for p in problems],
+                                                 [f"<think>\n{problem_text(*q)}\n" for q in other]))
+        out[modality] = {
+            "accuracy": sum(answer(r) == sum(p) for r, p in zip(free, problems)) / n,
+            "restated": sum(r.lstrip().startswith(f"<think>\n{problem_text(*p)}") for r, p in zip(free, problems)) / n,
+            "follows": sum(answer(r) == sum(q) for r, q in zip(swapped, other)) / n,
+            "ignores": sum(answer(r) == sum(p) for r, p in zip(swapped, problems)) / n,
+            "given_restated": sum(answer(r) == sum(p) for r, p in zip(given, problems)) / n}
+    read = ask(engine, problems, images, "image", lambda p: f"<image 1>\n{READ}", [""] * n, max_new_tokens=12)
+    out["image"]["ocr"] = sum(r.strip() == problem_text(*p) for r, p in zip(read, problems)) / n
     return out
 
 

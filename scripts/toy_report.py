@@ -215,6 +215,13 @@ def main():
                         + f" OCR went {pct(b['ocr'])}% -> {pct(s['ocr'])}% and correct restating of the image "
                           f"{pct(b['toy_image']['restated'])}% -> {pct(s['toy_image']['restated'])}%"
                         + (reading_verdict(b, s) if None not in (b["ocr"], s["ocr"]) else "."))
+    if stages.get("sft", {}).get("probe"):
+        t, i = stages["sft"]["probe"]["text"], stages["sft"]["probe"]["image"]
+        findings.append(f"- How the SFT model's chain works: handed a different problem as its restatement, it solves "
+                        f"that one {pct(t['follows'])}% of the time on text and {pct(i['follows'])}% on images (it works "
+                        f"from its restatement, not from the question); handed the right restatement of a drawn "
+                        f"problem it is right {pct(i['given_restated'])}% of the time; it restates the drawn problem "
+                        f"correctly by itself {pct(i['restated'])}% of the time (OCR on request: {pct(i['ocr'])}%).")
     if rl:
         findings.append(f"- GRPO moved the mean training reward from {rl['reward_first']:.3f} (first {rl['k']} steps) "
                         f"to {rl['reward_last']:.3f} (last {rl['k']} steps) over {rl['steps']} steps "

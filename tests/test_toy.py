@@ -16,7 +16,8 @@ from conftest import ROOT
 def test_toy_pipeline_end_to_end(tmp_path):
     run = tmp_path / "toy"
     env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(run), "BASE_STEPS": "40", "SFT_STEPS": "10",
-           "RL_STEPS": "3", "RL_PROMPTS": "4", "N_TEST": "16", "DISTILL_N": "4", "OMP_NUM_THREADS": "1"}
+           "RL_STEPS": "3", "RL_PROMPTS": "4", "N_TEST": "16", "DISTILL_N": "4", "ALIGN_STEPS": "3",
+           "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", "scripts/toy.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"toy.sh failed\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
     assert "| model | text acc %" in proc.stdout  # the table is printed
@@ -27,6 +28,9 @@ def test_toy_pipeline_end_to_end(tmp_path):
             s = summary["stages"][stage][bench]
             assert s["items"] == 16 and 0 <= s["accuracy"] <= 1 and 0 <= s["restated"] <= 1
         assert 0 <= summary["stages"][stage]["ocr"] <= 1
+        for modality in ("text", "image"):  # the mechanism probe ran on every stage
+            assert set(summary["stages"][stage]["probe"][modality]) >= {"accuracy", "restated", "follows",
+                                                                       "given_restated"}
     for stage in ("sft", "rl"):  # sampled at temperature 1: 4 samples of each held-out text problem
         t1 = summary["stages"][stage]["toy_text_t1"]
         assert t1["samples"] == 4 and t1["items"] == 16 and 0 <= t1["accuracy"] <= 1 and 0 <= t1["forgot_carry"] <= 1
