@@ -71,7 +71,7 @@ timed "random model" "$RUN/random/config.json" $PY scripts/toy_model.py --output
 # ALIGN=1: first the vision tower and projector alone learn to put each drawn character where the language
 # model's embedding of that character is (as a real VLM's projector is aligned before instruction tuning).
 INIT=random
-if [ "$ALIGN" = 1 ]; then
+if [ "$ALIGN" = 1 ] && [ ! -e "$RUN/base/config.json" ]; then  # (a run that reuses a base model skips it)
   INIT=aligned
   timed "stage 0a: vision aligned to text embeddings (toy_align.py)" "$RUN/aligned/config.json" \
     $PY scripts/toy_align.py --model "$RUN/random" --dataset "$RUN/data/sft/messages.jsonl" --output_dir "$RUN/aligned" \
