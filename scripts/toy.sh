@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # X-Reasoner in miniature, on the CPU: does reasoning learned from text alone carry over to images?
 #
-#   bash scripts/toy.sh            # ~19 min on 2 cores; writes runs/toy/{summary.json,report.md}
+#   bash scripts/toy.sh            # ~19 min on 2 quiet cores; writes runs/toy/{summary.json,report.md}
 #
 # 0. a toy "base VLM": a random ~2M-parameter Qwen2.5-VL whose vision tower first learns to put each drawn
 #    character at its text embedding (toy_align.py, as a real VLM's projector is aligned), then learns to

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's ablations in miniature, on several seeds, each reusing its seed's main run (scripts/toy.sh):
 #
-#   bash scripts/toy_ablations.sh     # SEEDS="0 1 2", 2 seeds at a time; ~1 h on 2 cores
+#   bash scripts/toy_ablations.sh     # SEEDS="0 1 2", 2 runs at a time; ~1.5 h on 2 cores
 #                                     # writes runs/toy_ablations/{summary.json,report.md,ablations.png}
 #
 # Per seed S the main run is runs/toy (S = 0) or runs/toy_seedS (made here if missing: base, CoT SFT,
