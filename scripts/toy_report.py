@@ -293,8 +293,9 @@ Settings (scripts/toy.sh's variables): `{settings or "-"}`
 {chr(10).join(f'- {k}: {v:.0f} s' for k, v in timings.items())}
 - total: {total:.0f} s ({total / 60:.1f} min)
 
-In this miniature the vision tower is frozen after stage 0 (as in the paper), and stages 1-2 see no image
-at all (their logs count the images they loaded: 0). For the chain learned from text to work on an image,
+In this miniature the vision tower is trained only before stage 1 (by default: aligned to the text
+embeddings, then frozen through stage 0) and frozen after (as in the paper); stages 1-2 see no image at all
+(their logs count the images they loaded: 0). For the chain learned from text to work on an image,
 four things must hold, and the mechanism table checks each: the image is still read into the restatement
 (*restated*, OCR); the chain works from its restatement, not from the question (*follows a swapped
 restatement*); it still works when the question has no text problem in it; and the image tokens do not
